@@ -1,0 +1,1 @@
+"""modelscope-t2v"""
