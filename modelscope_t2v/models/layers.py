@@ -1,0 +1,86 @@
+"""Pieces shared by the UNet3D blocks: attention, feed-forward, timestep embedding."""
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of diffusion times, cosines first: (b,) -> (b, dim)."""
+    half = dim // 2
+    t = t.float()
+    # 10000 ** (-i / half) in float32, the exact operations of the original: at
+    # t ~ 1000 the angles amplify any rounding difference a thousandfold.
+    freqs = torch.pow(10000, -torch.arange(half, device=t.device).to(t) / half)
+    angles = t[:, None] * freqs[None]                   # (b, half)
+    emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class Attention(nn.Module):
+    """Multi-head attention; cross-attention when `context_dim` is given."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(0.0))  # key to_out.0
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (n, l, dim); context: (n, m, context_dim) or None for self-attention
+        context = x if context is None else context
+        q, k, v = (rearrange(p, 'n l (h d) -> n h l d', h=self.heads)
+                   for p in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        out = F.scaled_dot_product_attention(q, k, v)   # (n, h, l, d)
+        return self.to_out(rearrange(out, 'n h l d -> n l (h d)'))
+
+
+class GEGLU(nn.Module):
+    """Gated GELU projection (Shazeer 2020): x * gelu(gate)."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward with 4x expansion; keys net.0.proj and net.2."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention, (cross-)attention and feed-forward, each residual.
+
+    With `context_dim=None` the second attention is a second self-attention,
+    as in the temporal transformers of the original.
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None):
+        super().__init__()
+        self.attn1 = Attention(dim, heads, head_dim)
+        self.ff = FeedForward(dim)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x

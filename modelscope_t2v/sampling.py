@@ -1,0 +1,59 @@
+"""The denoising loop and classifier-free guidance; the scheduler only steps.
+
+A model is any `model_fn(x, t, context) -> eps` on `b c f h w` latents.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Optional
+
+import torch
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# callback(step, timestep, latents) after each step
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+def guided(model_fn: ModelFn, scale: float, uncond: torch.Tensor) -> ModelFn:
+    """Classifier-free guidance (Ho & Salimans 2022): eps_u + s (eps_c - eps_u).
+
+    Both branches run as one batch; with s <= 1 guidance is off and the
+    conditional branch runs alone (one UNet pass per step).
+    """
+    if scale <= 1.0:
+        return model_fn
+
+    def fn(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        # x: (b, c, f, h, w); context, uncond: (b, 77, d)
+        eps_u, eps_c = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, context])).chunk(2)
+        return eps_u + scale * (eps_c - eps_u)
+
+    return fn
+
+
+def denoise(model_fn: ModelFn, noise: torch.Tensor, context: torch.Tensor, scheduler,
+            num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None,
+            callback: Optional[StepCallback] = None, progress: Callable = iter) -> torch.Tensor:
+    """Run the reverse diffusion from `noise` (b c f h w, unit variance) to clean latents."""
+    scheduler.set_timesteps(num_steps, device=noise.device)
+    x = noise * scheduler.init_noise_sigma
+    step_kwargs = _step_kwargs(scheduler, eta, generator)
+    for i, t in enumerate(progress(scheduler.timesteps)):
+        t_batch = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+        eps = model_fn(scheduler.scale_model_input(x, t), t_batch, context)
+        x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+        if callback is not None:
+            callback(i, int(t), x)
+    return x
+
+
+def _step_kwargs(scheduler, eta: float, generator) -> dict:
+    """eta and generator for the schedulers whose step() takes them."""
+    params = inspect.signature(scheduler.step).parameters
+    kwargs = {}
+    if 'eta' in params:
+        kwargs['eta'] = eta
+    if 'generator' in params:
+        kwargs['generator'] = generator
+    return kwargs
