@@ -1,0 +1,47 @@
+"""CLIP BPE tokenization: the one module that imports open_clip.
+
+The ids are those of `open_clip.tokenize`, which ModelScope's text encoder
+calls: start token, BPE ids of the lower-cased, whitespace-cleaned prompt, end
+token, zero padding to 77; a longer prompt is cut and its last id set to the
+end token.
+"""
+
+import functools
+
+import torch
+
+START_TOKEN = 49406   # <start_of_text>
+END_TOKEN = 49407     # <end_of_text>
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
+    """open_clip's SimpleTokenizer, built once (it reads the 49k BPE merges)."""
+    from open_clip.tokenizer import SimpleTokenizer
+    tok = SimpleTokenizer()
+    assert (tok.sot_token_id, tok.eot_token_id) == (START_TOKEN, END_TOKEN), \
+        (tok.sot_token_id, tok.eot_token_id)
+    return tok
+
+
+def _as_list(texts) -> list:
+    if isinstance(texts, str):
+        return [texts]
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        raise TypeError(f'texts must be a string or a list of strings, got {texts!r}')
+    return list(texts)
+
+
+def tokenize(texts: list[str], context_length: int = 77) -> torch.LongTensor:
+    """Prompts -> token ids (b, context_length), identical to open_clip.tokenize."""
+    if context_length < 2:
+        raise ValueError(f'context_length={context_length} must be at least 2 '
+                         '(start and end tokens)')
+    return _tokenizer()(_as_list(texts), context_length=context_length)
+
+
+def count_tokens(text: str) -> int:
+    """Tokens of `text` before truncation, start and end tokens included."""
+    if not isinstance(text, str):
+        raise TypeError(f'text must be a string, got {text!r}')
+    return len(_tokenizer().encode(text)) + 2
