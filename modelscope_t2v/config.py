@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Tuple
 
 CONFIG_FILE = 'configuration.json'
+PLUGIN_TYPE = 'modelscope-t2v'                    # model/pipeline type that selects this plugin
+BUILTIN_TYPE = 'latent-text-to-video-synthesis'   # the original's type, which the plugin replaces
+PLUGIN_DISTRIBUTION = 'modelscope-t2v'            # what a configuration's `plugins` key names
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,219 @@
+"""Every generation control, checked before any model work.
+
+`parse_request` takes the ModelScope input (a dict with 'text', or a string)
+plus keyword arguments (which win over keys of the dict) and returns a frozen
+GenerationRequest or raises ValueError/TypeError naming the key, the value and
+the valid range.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import secrets
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Tuple
+
+import torch
+
+from . import video_io
+from .config import ModelConfig
+from .schedulers import DEFAULT_SAMPLER, check_sampler
+
+OUTPUT_TYPES = ('video', 'frames', 'latents')
+MAX_SEED = 2 ** 63 - 1
+MAX_FRAMES = 1024
+MAX_SIDE = 4096
+
+
+class GenerationCancelled(Exception):
+    """Raised when a step callback stops the generation (it returned False or raised this)."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompts: Tuple[str, ...]                  # one per prompt
+    negative_prompts: Tuple[str, ...]         # one per prompt ('' = the original's empty prompt)
+    num_videos_per_prompt: int = 1
+    seed: Optional[int] = None                # video i of the batch uses seed + i
+    generator: Optional[torch.Generator] = None  # replaces the seeds when given
+    latents: Optional[torch.Tensor] = None    # (n, c, f, h/8, w/8) starting noise
+    num_frames: int = 16
+    height: int = 256
+    width: int = 256
+    fps: float = 8.0
+    num_inference_steps: int = 50
+    guidance_scale: float = 9.0
+    eta: float = 0.0
+    sampler: Any = DEFAULT_SAMPLER            # short name or diffusers scheduler instance
+    output_video: Optional[str] = None        # path; a batch writes name-0.ext, name-1.ext, ...
+    output_type: str = 'video'                # 'video' file(s), 'frames' uint8 arrays or 'latents'
+    show_progress: Optional[bool] = None      # None: a progress bar when stderr is a terminal
+    callback: Optional[Callable] = None       # callback(step, timestep, latents) -> False to stop
+    decode_chunk_frames: Optional[int] = None # frames decoded at once; None = all
+
+    @property
+    def num_videos(self) -> int:
+        return len(self.prompts) * self.num_videos_per_prompt
+
+    def seeds(self) -> list:
+        """The seed of each video in the batch (None where a generator draws the noise)."""
+        if self.generator is not None or self.latents is not None:
+            return [None] * self.num_videos
+        return [self.seed + i for i in range(self.num_videos)]
+
+
+KEYS = {f for f in GenerationRequest.__dataclass_fields__} - {'prompts', 'negative_prompts'}
+INPUT_KEYS = KEYS | {'text', 'negative_prompt'}
+
+
+def parse_request(inputs, config: ModelConfig, **kwargs) -> GenerationRequest:
+    """Merge the input dict with keyword arguments and check every value."""
+    if isinstance(inputs, str):
+        inputs = {'text': inputs}
+    if not isinstance(inputs, dict):
+        raise TypeError(f"input must be a dict like {{'text': 'a prompt'}} or a string, "
+                        f'not {type(inputs).__name__}')
+    values = {**inputs, **{k: v for k, v in kwargs.items() if v is not None}}
+    unknown = sorted(set(values) - INPUT_KEYS)
+    if unknown:
+        raise ValueError(f'unknown generation options {unknown}; valid ones are {sorted(INPUT_KEYS)}')
+    if 'text' not in values:
+        raise ValueError("input has no 'text': pass {'text': 'a prompt'}")
+    prompts = _prompts(values.pop('text'), 'text')
+    negatives = _negatives(values.pop('negative_prompt', ''), len(prompts))
+    r = {
+        'num_videos_per_prompt': _int(values, 'num_videos_per_prompt', 1, 1, 256),
+        'num_frames': _int(values, 'num_frames', config.max_frames, 1, MAX_FRAMES),
+        'height': _side(values, 'height', config.size, config.autoencoder.downsample),
+        'width': _side(values, 'width', config.size, config.autoencoder.downsample),
+        'fps': _number(values, 'fps', 8.0, 0.0, 240.0, low_open=True),
+        'num_inference_steps': _int(values, 'num_inference_steps', 50, 1, config.diffusion.num_timesteps),
+        'guidance_scale': _number(values, 'guidance_scale', 9.0, 0.0, 100.0),
+        'eta': _number(values, 'eta', 0.0, 0.0, 1.0),
+        'output_type': _choice(values, 'output_type', 'video', OUTPUT_TYPES),
+        'show_progress': _optional_bool(values, 'show_progress'),
+        'callback': _optional_callable(values, 'callback'),
+        'decode_chunk_frames': (None if values.get('decode_chunk_frames') is None
+                                else _int(values, 'decode_chunk_frames', None, 1, MAX_FRAMES)),
+        'sampler': values.get('sampler', DEFAULT_SAMPLER),
+        'generator': _optional_generator(values),
+    }
+    check_sampler(r['sampler'])
+    r['seed'] = _seed(values)
+    n_videos = len(prompts) * r['num_videos_per_prompt']
+    r['latents'] = _latents(values.get('latents'), n_videos, config, r)
+    r['output_video'] = _output_video(values.get('output_video'), r['output_type'])
+    return GenerationRequest(prompts=prompts, negative_prompts=negatives, **r)
+
+
+def _prompts(value, key: str) -> tuple:
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, (list, tuple)) or not texts:
+        raise TypeError(f'{key} must be a string or a non-empty list of strings, not {value!r}')
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f'{key} must hold strings; got {text!r} ({type(text).__name__})')
+        if key == 'text' and not text.strip():
+            raise ValueError(f'{key}={text!r} is empty; describe the video in English')
+    return tuple(texts)
+
+
+def _negatives(value, n: int) -> tuple:
+    if value is None:
+        value = ''
+    if isinstance(value, str):
+        return (value,) * n
+    negatives = _prompts(value, 'negative_prompt')
+    if len(negatives) != n:
+        raise ValueError(f'negative_prompt has {len(negatives)} entries but text has {n}; '
+                         'give one negative prompt per prompt, or a single string')
+    return negatives
+
+
+def _int(values: dict, key: str, default, low: int, high: int) -> int:
+    value = values.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f'{key} must be an integer in {low}..{high}, not {value!r}')
+    if not low <= value <= high:
+        raise ValueError(f'{key}={value} is outside the valid range {low}..{high}')
+    return int(value)
+
+
+def _side(values: dict, key: str, default: int, multiple: int) -> int:
+    value = _int(values, key, default, multiple, MAX_SIDE)
+    if value % multiple:
+        raise ValueError(f'{key}={value} is not a multiple of {multiple} (the autoencoder works on '
+                         f'{multiple}x{multiple} pixel cells); e.g. {value // multiple * multiple} '
+                         f'or {(value // multiple + 1) * multiple}')
+    return value
+
+
+def _number(values: dict, key: str, default: float, low: float, high: float,
+            low_open: bool = False) -> float:
+    value = values.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f'{key} must be a number, not {value!r}')
+    value = float(value)
+    bad_low = value <= low if low_open else value < low
+    if math.isnan(value) or bad_low or value > high:
+        bracket = '(' if low_open else '['
+        raise ValueError(f'{key}={value} is outside the valid range {bracket}{low}, {high}]')
+    return value
+
+
+def _choice(values: dict, key: str, default: str, choices) -> str:
+    value = values.get(key, default)
+    if value not in choices:
+        raise ValueError(f'{key}={value!r} is not one of {list(choices)}')
+    return value
+
+
+def _optional_bool(values: dict, key: str):
+    value = values.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f'{key} must be True, False or None, not {value!r}')
+    return value
+
+
+def _optional_callable(values: dict, key: str):
+    value = values.get(key)
+    if value is not None and not callable(value):
+        raise TypeError(f'{key} must be callable as {key}(step, timestep, latents), not {value!r}')
+    return value
+
+
+def _optional_generator(values: dict):
+    value = values.get('generator')
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(f'generator must be a torch.Generator, not {type(value).__name__}')
+    return value
+
+
+def _seed(values: dict) -> int:
+    seed = values.get('seed')
+    if seed is None:
+        return secrets.randbelow(2 ** 31)  # reported back, so the video can be made again
+    return _int(values, 'seed', None, 0, MAX_SEED)
+
+
+def _latents(latents, n_videos: int, config: ModelConfig, r: dict):
+    if latents is None:
+        return None
+    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+        raise TypeError(f'latents must be a floating-point torch.Tensor, not {type(latents).__name__}')
+    cell = config.autoencoder.downsample
+    expected = (n_videos, config.unet.in_dim, r['num_frames'], r['height'] // cell, r['width'] // cell)
+    if tuple(latents.shape) != expected:
+        raise ValueError(f'latents have shape {tuple(latents.shape)}; this request needs {expected} '
+                         '(videos, channels, num_frames, height/8, width/8)')
+    return latents
+
+
+def _output_video(path, output_type: str):
+    if path is None:
+        return None
+    if output_type != 'video':
+        raise ValueError(f"output_video={path!r} is given but output_type={output_type!r}; "
+                         "files are written for output_type='video'")
+    return str(video_io.validate_output_path(path))

@@ -1,0 +1,190 @@
+"""TextToVideo: the three networks of a model dir and the generation entry point.
+
+Framework-free (no modelscope import): pipeline.py wraps it for ModelScope,
+the CLI and the demo call it through that pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+import torch
+from einops import rearrange
+
+from . import config as config_lib
+from . import tokenizer, video_io, weights
+from .models.autoencoder import AutoencoderKL
+from .models.text_encoder import OpenCLIPTextEncoder, is_text_tower_key
+from .models.unet3d import UNet3D
+from .request import GenerationCancelled, GenerationRequest
+from .sampling import denoise, guided
+from .schedulers import make_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationResult:
+    parameters: List[dict]                   # what each video was made with
+    paths: List[str] = field(default_factory=list)        # output_type 'video'
+    frames: List[np.ndarray] = field(default_factory=list)  # uint8 (f, h, w, 3), 'video'/'frames'
+    latents: Optional[torch.Tensor] = None   # (n, c, f, h/8, w/8), 'latents'
+
+
+def default_device_and_dtype(device=None, dtype=None):
+    """CUDA in half precision when there is a GPU, else the CPU in float32."""
+    device = torch.device(device if device is not None else ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if dtype is None:
+        dtype = torch.float16 if device.type == 'cuda' else torch.float32
+    return device, dtype
+
+
+class TextToVideo:
+    """Prompt -> video with the original's networks and defaults."""
+
+    def __init__(self, config: config_lib.ModelConfig, text_encoder: OpenCLIPTextEncoder,
+                 unet: UNet3D, autoencoder: AutoencoderKL, model_dir: str = '', device=None, dtype=None):
+        self.config = config
+        self.model_dir = model_dir
+        self.device, self.dtype = default_device_and_dtype(device, dtype)
+        self.text_encoder = text_encoder.eval().requires_grad_(False).to(self.device, self.dtype)
+        self.unet = unet.eval().requires_grad_(False).to(self.device, self.dtype)
+        self.autoencoder = autoencoder.eval().requires_grad_(False).to(self.device, self.dtype)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, device=None, dtype=None) -> 'TextToVideo':
+        """Build the networks of `model_dir` and load its three checkpoint files strictly."""
+        config = config_lib.load(model_dir)
+        path = lambda name: os.path.join(model_dir, name)  # noqa: E731
+        with torch.device('meta'):  # no random initialisation: the files supply every tensor
+            text_encoder = OpenCLIPTextEncoder(config.text)
+            unet = UNet3D(config.unet)
+            autoencoder = AutoencoderKL(config.autoencoder)
+        last_block = lambda k: is_text_tower_key(k, config.text, config.text.layers)  # noqa: E731
+        unused = lambda k: (k.startswith('visual.') or k in ('text_projection', 'logit_scale', 'attn_mask')  # noqa: E731
+                            or last_block(k))
+        weights.load_strict(text_encoder, weights.text_state_dict(
+            path(config.ckpt_clip), lambda k: is_text_tower_key(k, config.text), unused), path(config.ckpt_clip))
+        weights.load_strict(unet, weights.unet_state_dict(path(config.ckpt_unet)), path(config.ckpt_unet))
+        weights.load_strict(autoencoder, weights.autoencoder_state_dict(path(config.ckpt_autoencoder)),
+                            path(config.ckpt_autoencoder))
+        return cls(config, text_encoder, unet, autoencoder, model_dir=model_dir, device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def encode_text(self, prompts) -> torch.Tensor:
+        """Prompts -> penultimate-layer embeddings (b, 77, width); long prompts are truncated."""
+        n = self.config.text.context_length
+        for prompt in prompts:
+            count = tokenizer.count_tokens(prompt)
+            if count > n:
+                logger.warning('prompt of %d tokens truncated to the text encoder\'s %d: %r',
+                               count, n, prompt)
+        tokens = tokenizer.tokenize(list(prompts), context_length=n).to(self.device)
+        return self.text_encoder(tokens)
+
+    def initial_noise(self, request: GenerationRequest) -> torch.Tensor:
+        """Unit Gaussian latents (n, c, f, h/8, w/8), drawn on the CPU as the original does.
+
+        With a seed, video i is `torch.randn` after `torch.manual_seed(seed + i)`:
+        the same noise on every device and in the original implementation.
+        """
+        if request.latents is not None:
+            return request.latents.to(torch.float32)
+        cell = self.config.autoencoder.downsample
+        shape = (1, self.config.unet.in_dim, request.num_frames, request.height // cell, request.width // cell)
+        if request.generator is not None:
+            return torch.randn((request.num_videos,) + shape[1:], generator=request.generator,
+                               device=request.generator.device).cpu()
+        return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+                          for seed in request.seeds()])
+
+    @torch.no_grad()
+    def __call__(self, request: GenerationRequest) -> GenerationResult:
+        """Generate the videos of a checked request."""
+        # 1. inputs were checked by parse_request; one row per video from here on
+        per_video = request.num_videos_per_prompt
+        prompts = [p for p in request.prompts for _ in range(per_video)]
+        negatives = [p for p in request.negative_prompts for _ in range(per_video)]
+
+        # 2. encode text (the unconditional branch only when guidance is on)
+        context = self.encode_text(prompts).to(self.dtype)
+        guidance_on = request.guidance_scale > 1.0
+        uncond = self.encode_text(negatives).to(self.dtype) if guidance_on else None
+
+        # 3. prepare noise, on the CPU from the seeds, then moved
+        noise = self.initial_noise(request).to(self.device, self.dtype)
+
+        # 4. denoise
+        scheduler = make_scheduler(request.sampler, self.config.diffusion)
+        model_fn = guided(self.unet, request.guidance_scale, uncond)
+        latents = denoise(model_fn, noise, context, scheduler, request.num_inference_steps,
+                          eta=request.eta, generator=request.generator,
+                          callback=_checked_callback(request.callback), progress=_progress(request))
+        parameters = [self.parameters(request, i, prompts, negatives) for i in range(request.num_videos)]
+        if request.output_type == 'latents':
+            return GenerationResult(parameters=parameters, latents=latents.float().cpu())
+
+        # 5. decode to uint8 frames (n, f, h, w, 3)
+        video = self.autoencoder.decode_video(latents, request.decode_chunk_frames)
+        frames = list(to_uint8_frames(video))
+        if request.output_type == 'frames':
+            return GenerationResult(parameters=parameters, frames=frames)
+
+        # 6. write one file per video
+        paths = output_paths(request.output_video, request.num_videos)
+        for path, clip, params in zip(paths, frames, parameters):
+            video_io.write_video(clip, path, fps=request.fps, metadata={'comment': json.dumps(params)})
+            params['output_video'] = path
+        return GenerationResult(parameters=parameters, paths=paths, frames=frames)
+
+    def parameters(self, request: GenerationRequest, i: int, prompts, negatives) -> dict:
+        """The parameters of video i, enough to make it again."""
+        sampler = request.sampler if isinstance(request.sampler, str) else type(request.sampler).__name__
+        return {
+            'text': prompts[i], 'negative_prompt': negatives[i], 'seed': request.seeds()[i],
+            'sampler': sampler, 'num_inference_steps': request.num_inference_steps,
+            'guidance_scale': request.guidance_scale, 'eta': request.eta,
+            'height': request.height, 'width': request.width, 'num_frames': request.num_frames,
+            'fps': request.fps, 'model_dir': self.model_dir,
+        }
+
+
+def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """Decoder output (n, 3, f, h, w) in [-1, 1] -> uint8 (n, f, h, w, 3), truncated as the original."""
+    video = (video.float() * 0.5 + 0.5).clamp(0, 1)
+    return (rearrange(video, 'n c f h w -> n f h w c').cpu().numpy() * 255).astype(np.uint8)
+
+
+def output_paths(output_video: Optional[str], n: int) -> List[str]:
+    """Where the n videos go: the given path (name-i.ext for a batch) or new temporary files."""
+    if output_video is None:
+        return [video_io.temporary_video_path('.mp4') for _ in range(n)]
+    if n == 1:
+        return [output_video]
+    stem, ext = os.path.splitext(output_video)
+    return [f'{stem}-{i}{ext}' for i in range(n)]
+
+
+def _checked_callback(callback):
+    if callback is None:
+        return None
+
+    def call(step, timestep, latents):
+        if callback(step, timestep, latents) is False:
+            raise GenerationCancelled(f'generation cancelled by the callback at step {step}')
+
+    return call
+
+
+def _progress(request: GenerationRequest):
+    show = request.show_progress if request.show_progress is not None else sys.stderr.isatty()
+    if not show:
+        return iter
+    from tqdm.auto import tqdm
+    return lambda steps: tqdm(steps, desc='denoising', unit='step')

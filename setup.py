@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name='modelscope-t2v',
+    version='0.1.0',
+    description="ModelScope's text-to-video model (UNet3D latent diffusion): exact, fast, "
+                'runs on GPU and CPU; a drop-in ModelScope plugin',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    python_requires='>=3.9',
+    packages=find_packages(include=['modelscope_t2v', 'modelscope_t2v.*']),
+    install_requires=[
+        'torch>=2.1',              # scaled_dot_product_attention, mmap loading, assign=True
+        'einops>=0.6',
+        'numpy',
+        'open_clip_torch>=2.20',   # the CLIP BPE tokenizer and its vocabulary
+        'modelscope[framework]>=1.9',
+        'diffusers>=0.25',         # scheduler classes only
+        'imageio-ffmpeg>=0.4.9',   # a bundled ffmpeg: no system install
+        'safetensors',
+        'scipy',                   # the LMS sampler
+        'tqdm',
+        'huggingface_hub',
+    ],
+    extras_require={
+        'test': ['pytest>=7'],
+        'demo': ['gradio>=4'],
+        'bench': [],
+    },
+    entry_points={'console_scripts': ['modelscope-t2v=modelscope_t2v.cli:main']},
+)
