@@ -1,4 +1,27 @@
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(__file__))  # tests import their helper `reference`
+
+
+@pytest.fixture(scope='session')
+def tiny_model_dir(tmp_path_factory):
+    """A random tiny model dir with the ORIGINAL configuration.json layout."""
+    from modelscope_t2v.tools.make_random_model import make_random_model
+    return make_random_model(str(tmp_path_factory.mktemp('tiny-original')), 'tiny', 'original')
+
+
+@pytest.fixture(scope='session')
+def tiny_plugin_model_dir(tmp_path_factory):
+    """A random tiny model dir whose configuration.json selects this plugin."""
+    from modelscope_t2v.tools.make_random_model import make_random_model
+    return make_random_model(str(tmp_path_factory.mktemp('tiny-plugin')), 'tiny', 'plugin')
+
+
+@pytest.fixture(scope='session')
+def tiny_engine(tiny_model_dir):
+    """TextToVideo on the CPU in float32 over the tiny model dir."""
+    from modelscope_t2v import TextToVideo
+    return TextToVideo.from_pretrained(tiny_model_dir, device='cpu')

@@ -4,7 +4,7 @@ import time
 
 import pytest
 import torch
-from modelscope.models.multi_modal.video_synthesis import autoencoder as reference
+from reference import reference_autoencoder, rel_err
 
 from modelscope_t2v.config import FULL, TINY, AutoencoderConfig
 from modelscope_t2v.models.autoencoder import AutoencoderKL
@@ -13,15 +13,6 @@ from modelscope_t2v.models.autoencoder import AutoencoderKL
 # (scaled_dot_product_attention vs bmm-softmax-bmm), so 1e-5 relative to the
 # largest output element is ample.
 PARITY_TOL = 1e-5
-
-
-def _reference(config: AutoencoderConfig) -> reference.AutoencoderKL:
-    """ModelScope's module with the ddconfig our config describes."""
-    ddconfig = dict(double_z=True, z_channels=config.z_channels, resolution=256,
-                    in_channels=config.in_channels, out_ch=config.in_channels, ch=config.ch,
-                    ch_mult=list(config.ch_mult), num_res_blocks=config.res_blocks,
-                    attn_resolutions=[], dropout=0.0)
-    return reference.AutoencoderKL(ddconfig, embed_dim=config.z_channels, ckpt_path=None)
 
 
 @torch.no_grad()
@@ -40,15 +31,10 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
 
 def _pair(config: AutoencoderConfig, seed: int = 0):
     """Ours and the reference, in eval mode, holding the same random weights."""
-    ours, ref = AutoencoderKL(config).eval(), _reference(config).eval()
+    ours, ref = AutoencoderKL(config).eval(), reference_autoencoder(config).eval()
     _randomize(ref, seed)
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ours, ref
-
-
-def _rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
 @torch.no_grad()
@@ -63,9 +49,9 @@ def test_tiny_parity_decode_and_encode():
     assert decoded.shape == (3, 3, 64, 64)
     posterior = ref.encode(x)
     mean, logvar = ours.encode_moments(x)
-    errors = {'decode': _rel_err(decoded, decoded_ref),
-              'encode mean': _rel_err(ours.encode(x), posterior.mean),
-              'encode logvar': _rel_err(logvar, posterior.logvar)}
+    errors = {'decode': rel_err(decoded, decoded_ref),
+              'encode mean': rel_err(ours.encode(x), posterior.mean),
+              'encode logvar': rel_err(logvar, posterior.logvar)}
     print('tiny worst relative errors:', errors)
     assert torch.equal(mean, ours.encode(x))
     ref.load_state_dict(ours.state_dict(), strict=True)  # and back the other way
@@ -82,7 +68,7 @@ def test_full_parity_decode():
     z = torch.randn(2, config.z_channels, 16, 16, generator=torch.Generator().manual_seed(2))
     start = time.perf_counter()
     decoded, decoded_ref = ours.decode(z), ref.decode(z)
-    err = _rel_err(decoded, decoded_ref)
+    err = rel_err(decoded, decoded_ref)
     print(f'full decode 2x128x128: worst relative error {err:.3g}, '
           f'{time.perf_counter() - start:.1f} s for both models')
     assert decoded.shape == (2, 3, 128, 128)
@@ -105,7 +91,7 @@ def test_decode_video_chunks_match_whole():
     # frame 2 of video 1 is the plain decode of the unscaled latent; a batch of one
     # may take another conv kernel, so this compares within float32 rounding
     frame = model.decode(latents[1, :, 2][None] / config.scale_factor)
-    assert _rel_err(whole[1, :, 2][None], frame) < PARITY_TOL
+    assert rel_err(whole[1, :, 2][None], frame) < PARITY_TOL
 
 
 def test_decode_video_rejects_bad_chunk():
@@ -114,10 +100,10 @@ def test_decode_video_rejects_bad_chunk():
         model.decode_video(torch.zeros(1, 4, 2, 2, 2), chunk_frames=0)
 
 
-def test_full_structure_matches_reference():
+def test_full_structure_matchesreference_autoencoder():
     with torch.device('meta'):
         ours = AutoencoderKL(FULL.autoencoder)
-        ref = _reference(FULL.autoencoder)
+        ref = reference_autoencoder(FULL.autoencoder)
     ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert ours_shapes == ref_shapes

@@ -3,8 +3,7 @@
 import open_clip
 import pytest
 import torch
-from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-from reference import randomize_, rel_err
+from reference import randomize_, reference_clip, reference_penultimate, rel_err
 
 from modelscope_t2v.config import FULL, TINY, TextEncoderConfig
 from modelscope_t2v.models.text_encoder import OpenCLIPTextEncoder, is_text_tower_key
@@ -15,43 +14,8 @@ PROMPTS = ['', 'A panda eating bamboo on a rock.',
 TOL = 1e-5  # worst |ours - ref| / max |ref|, float32 on the CPU
 
 
-def reference_clip(config: TextEncoderConfig) -> CLIP:
-    """open_clip's CLIP with our text tower and a one-block 32-pixel vision tower, seeded noise.
-
-    Built on the meta device and materialised by the noise, which skips open_clip's
-    slow initialisation of 350M parameters; the causal mask, a buffer that noise
-    does not fill, is taken from the same CLIP built for real at one block.
-    """
-    def build(layers: int) -> CLIP:
-        text_cfg = CLIPTextCfg(context_length=config.context_length, vocab_size=config.vocab_size,
-                               width=config.width, heads=config.heads, layers=layers,
-                               mlp_ratio=config.mlp_ratio)
-        vision_cfg = CLIPVisionCfg(layers=1, width=32, head_width=16, image_size=32, patch_size=16)
-        return CLIP(embed_dim=32, vision_cfg=vision_cfg, text_cfg=text_cfg).eval()
-
-    with torch.device('meta'):
-        clip = build(config.layers)
-    clip.to_empty(device='cpu')
-    clip.attn_mask = build(1).attn_mask       # (n, n): 0 on and below the diagonal, -inf above
-    assert clip.attn_mask.shape == (config.context_length,) * 2 and clip.attn_mask[0, 1] == -float('inf')
-    return randomize_(clip, seed=0)
-
-
-def reference_penultimate(clip: CLIP, tokens: torch.Tensor) -> torch.Tensor:
-    """FrozenOpenCLIPEmbedder(layer='penultimate') as meant, in open_clip's layout."""
-    x = clip.token_embedding(tokens) + clip.positional_embedding   # (b, n, c)
-    seq_first = not clip.transformer.batch_first
-    if seq_first:
-        x = x.permute(1, 0, 2)
-    for block in clip.transformer.resblocks[:-1]:
-        x = block(x, attn_mask=clip.attn_mask)
-    if seq_first:
-        x = x.permute(1, 0, 2)
-    return clip.ln_final(x)
-
-
 def check_parity(config: TextEncoderConfig) -> float:
-    clip = reference_clip(config)
+    clip = randomize_(reference_clip(config), seed=0)
     with torch.device('meta'):
         ours = OpenCLIPTextEncoder(config).eval()
     text_sd = {k: v for k, v in clip.state_dict().items() if is_text_tower_key(k, config)}

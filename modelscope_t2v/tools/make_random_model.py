@@ -83,12 +83,17 @@ def autoencoder_checkpoint(config: config_lib.ModelConfig, generator) -> dict:
 
 
 def make_random_model(model_dir: str, size: str = 'tiny', kind: str = 'original', seed: int = 0) -> str:
-    """Write configuration.json and the three checkpoint files; returns model_dir."""
+    """Write configuration.json and the three checkpoint files of a preset size; returns model_dir."""
     if size not in SIZES:
         raise ValueError(f'size={size!r} is not one of {sorted(SIZES)}')
+    return write_model_dir(model_dir, SIZES[size], kind, seed)
+
+
+def write_model_dir(model_dir: str, config: config_lib.ModelConfig, kind: str = 'original',
+                    seed: int = 0) -> str:
+    """Write a random model of any architecture `config` describes; returns model_dir."""
     if kind not in ('original', 'plugin'):
         raise ValueError(f"kind={kind!r} is not 'original' or 'plugin'")
-    config = SIZES[size]
     os.makedirs(model_dir, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     unet = _scale_init_(UNet3D(config.unet), generator)
