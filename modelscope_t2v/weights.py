@@ -79,8 +79,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint {path} not found')
     if path.endswith('.safetensors'):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return _guard(path, lambda: load_file(path, device='cpu'))
+        return _guard(path, lambda: load_file(path, device='cpu'), SafetensorError)
     mmap = zipfile.is_zipfile(path)  # the legacy (non-zip) format cannot be memory-mapped
     load = lambda **kw: torch.load(path, map_location='cpu', mmap=mmap, **kw)  # noqa: E731
     try:
@@ -92,11 +93,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         return _guard(path, lambda: load(weights_only=False, pickle_module=_restricted_pickle))
 
 
-def _guard(path: str, read: Callable[[], dict]) -> dict:
+def _guard(path: str, read: Callable[[], dict], *reader_errors: type) -> dict:
     """Run `read`, turning any failure into a CheckpointError that names the file."""
     try:
         return read()
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, KeyError) as error:
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, KeyError,
+            *reader_errors) as error:
         raise CheckpointError(f'checkpoint {path} could not be read (truncated, corrupt '
                               f'or not a torch checkpoint): {error}') from error
 
@@ -121,7 +123,7 @@ def autoencoder_state_dict(path) -> StateDict:
         if not selected:
             raise CheckpointError(f'checkpoint {path} has no {AUTOENCODER_PREFIX}* keys in its '
                                   f'state_dict; first keys: {_first(full)}')
-        return selected
+        return _tensors_only(selected, path)
     return _tensors_only(checkpoint, path)
 
 
@@ -136,9 +138,13 @@ def text_state_dict(path, keep: Callable[[str], bool], unused: Callable[[str], b
 
 
 def _tensors_only(checkpoint, path) -> StateDict:
-    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+    if not isinstance(checkpoint, dict):
         raise CheckpointError(f'checkpoint {path} is not a state dict of tensors '
                               f'(got {type(checkpoint).__name__})')
+    odd = [f'{k!r}: {type(v).__name__}' for k, v in checkpoint.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise CheckpointError(f'checkpoint {path} is not a state dict of tensors: {len(odd)} values '
+                              f'are not tensors, e.g. {odd[:MAX_KEYS_SHOWN]}')
     return checkpoint
 
 
