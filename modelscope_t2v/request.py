@@ -152,12 +152,12 @@ def _side(values: dict, key: str, default: int, multiple: int) -> int:
 def _number(values: dict, key: str, default: float, low: float, high: float,
             low_open: bool = False) -> float:
     value = values.get(key, default)
+    bracket = '(' if low_open else '['
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f'{key} must be a number, not {value!r}')
+        raise TypeError(f'{key} must be a number in {bracket}{low}, {high}], not {value!r}')
     value = float(value)
     bad_low = value <= low if low_open else value < low
     if math.isnan(value) or bad_low or value > high:
-        bracket = '(' if low_open else '['
         raise ValueError(f'{key}={value} is outside the valid range {bracket}{low}, {high}]')
     return value
 
@@ -216,4 +216,7 @@ def _output_video(path, output_type: str):
     if output_type != 'video':
         raise ValueError(f"output_video={path!r} is given but output_type={output_type!r}; "
                          "files are written for output_type='video'")
-    return str(video_io.validate_output_path(path))
+    try:
+        return str(video_io.validate_output_path(path))
+    except (TypeError, ValueError) as error:  # video_io's message, prefixed with the option's name
+        raise type(error)(f'output_video={path!r}: {error}') from None

@@ -120,11 +120,13 @@ class TextToVideo:
         # 3. prepare noise, on the CPU from the seeds, then moved
         noise = self.initial_noise(request).to(self.device, self.dtype)
 
-        # 4. denoise
+        # 4. denoise; stochastic samplers (eta > 0, ancestral, SDE) draw their noise from the seed too
         scheduler = make_scheduler(request.sampler, self.config.diffusion)
         model_fn = guided(self.unet, request.guidance_scale, uncond)
+        step_noise = (request.generator if request.generator is not None
+                      else torch.Generator().manual_seed(request.seed))
         latents = denoise(model_fn, noise, context, scheduler, request.num_inference_steps,
-                          eta=request.eta, generator=request.generator,
+                          eta=request.eta, generator=step_noise,
                           callback=_checked_callback(request.callback), progress=_progress(request))
         parameters = [self.parameters(request, i, prompts, negatives) for i in range(request.num_videos)]
         if request.output_type == 'latents':

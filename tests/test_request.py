@@ -65,7 +65,12 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize('options, error, message', BAD, ids=[str(o) for o, _, _ in BAD])
+def _case_id(options: dict) -> str:
+    show = lambda v: f'{v.dtype}{tuple(v.shape)}' if isinstance(v, torch.Tensor) else repr(v)  # noqa: E731
+    return ','.join(f'{k}={show(v)}' for k, v in options.items())
+
+
+@pytest.mark.parametrize('options, error, message', BAD, ids=[_case_id(o) for o, _, _ in BAD])
 def test_bad_value_is_refused_with_key_value_and_range(options, error, message, tmp_path):
     options = {k: v.format(tmp=tmp_path) if k == 'output_video' else v for k, v in options.items()}
     with pytest.raises(error, match=message):
