@@ -16,7 +16,6 @@ __all__ = ['GenerationCancelled', 'GenerationRequest', 'GenerationResult', 'Text
 
 try:
     from .pipeline import register as _register
-except ImportError as _error:  # the networks and TextToVideo work without ModelScope
-    logging.getLogger(__name__).debug('ModelScope not importable (%s): not registered', _error)
-else:
     _register()
+except Exception as _error:  # the networks and TextToVideo work without a usable ModelScope
+    logging.getLogger(__name__).warning('not registered in ModelScope (%s: %s)', type(_error).__name__, _error)

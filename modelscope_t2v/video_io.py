@@ -14,7 +14,6 @@ import subprocess
 import tempfile
 from typing import IO, Any
 
-import imageio_ffmpeg
 import numpy as np
 
 logger = logging.getLogger(__name__)
@@ -32,6 +31,12 @@ _EVEN_SIZE = ('.mp4', '.webm')
 _STREAM_RE = re.compile(
     r'Stream #\d+:\d+.*?: Video: (?P<codec>\w+).*?, (?P<pix_fmt>\w+)(?:\([^)]*\))?, (?P<width>\d+)x(?P<height>\d+)(?P<rest>.*)'
 )
+
+
+def _ffmpeg() -> str:
+    """The ffmpeg that imageio-ffmpeg bundles (imported here: only writing needs it)."""
+    import imageio_ffmpeg
+    return imageio_ffmpeg.get_ffmpeg_exe()
 
 
 def validate_output_path(path: str | os.PathLike) -> pathlib.Path:
@@ -76,7 +81,7 @@ def write_video(
     tmp = target.with_name(f'.{target.stem}.partial-{secrets.token_hex(4)}{target.suffix}')
     f, h, w, _ = frames.shape
     cmd = [
-        imageio_ffmpeg.get_ffmpeg_exe(), '-hide_banner', '-loglevel', 'error',
+        _ffmpeg(), '-hide_banner', '-loglevel', 'error',
         '-f', 'rawvideo', '-pix_fmt', 'rgb24', '-video_size', f'{w}x{h}', '-framerate', str(fps), '-i', 'pipe:0',
         *args, '-n', f'file:{tmp}',
     ]  # fmt: skip
@@ -192,7 +197,7 @@ def _read(path: str | os.PathLike, *output: str) -> tuple[bytes, str]:
     """Decode the first video stream of path into the given ffmpeg outputs; return (stdout, stderr)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'no video file at {os.fspath(path)!r}')
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), '-hide_banner', '-nostdin', '-nostats', '-i', f'file:{os.fspath(path)}']
+    cmd = [_ffmpeg(), '-hide_banner', '-nostdin', '-nostats', '-i', f'file:{os.fspath(path)}']
     # passthrough keeps every decoded frame once: no duplicates or drops to force a constant rate
     cmd += ['-map', '0:v:0', '-fps_mode', 'passthrough', *output]
     result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True)
