@@ -50,7 +50,8 @@ class TextToVideoModel(Model):
 
     def __init__(self, model_dir: str, *args, **kwargs):
         super().__init__(model_dir, *args, **kwargs)
-        self.engine = TextToVideo.from_pretrained(model_dir, device=torch_device(kwargs.get('device')))
+        self.engine = TextToVideo.from_pretrained(model_dir, device=torch_device(kwargs.get('device')),
+                                                  compile=kwargs.get('compile_unet', False))
 
     def forward(self, request) -> GenerationResult:
         return self.engine(request)

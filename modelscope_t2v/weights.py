@@ -20,12 +20,18 @@ from typing import Callable, Dict
 import torch
 from torch import nn
 
+from .config import ModelConfig
+from .models.autoencoder import AutoencoderKL
+from .models.text_encoder import OpenCLIPTextEncoder, is_text_tower_key
+from .models.unet3d import UNet3D
+
 logger = logging.getLogger(__name__)
 
 StateDict = Dict[str, torch.Tensor]
 
 AUTOENCODER_PREFIX = 'first_stage_model.'  # the autoencoder's keys in the training checkpoint
 MAX_KEYS_SHOWN = 5
+CLIP_EXTRA_KEYS = ('text_projection', 'logit_scale', 'attn_mask')
 
 
 class CheckpointError(ValueError):
@@ -175,3 +181,31 @@ def load_strict(module: nn.Module, state_dict: StateDict, path) -> nn.Module:
     # assign=True keeps the file's (memory-mapped) tensors: no copy, no random init to undo
     module.load_state_dict(state_dict, strict=True, assign=True)
     return module
+
+
+def text_key_rules(config: ModelConfig):
+    """(keep, unused) predicates over a CLIP checkpoint's keys for the penultimate-layer encoder.
+
+    Unused: the image tower, the projections and the last text block, which it never runs.
+    """
+    keep = lambda k: is_text_tower_key(k, config.text)  # noqa: E731
+    in_tower = lambda k: is_text_tower_key(k, config.text, config.text.layers)  # noqa: E731
+    unused = lambda k: k.startswith('visual.') or k in CLIP_EXTRA_KEYS or in_tower(k)  # noqa: E731
+    return keep, unused
+
+
+# -- the three networks of a model dir ------------------------------------------------------
+
+def load_networks(model_dir: str, config: ModelConfig):
+    """(text encoder, UNet, autoencoder) holding the files' tensors, on the CPU."""
+    path = lambda name: os.path.join(model_dir, name)  # noqa: E731
+    with torch.device('meta'):  # no random initialisation: the files supply every tensor
+        text_encoder = OpenCLIPTextEncoder(config.text)
+        unet = UNet3D(config.unet)
+        autoencoder = AutoencoderKL(config.autoencoder)
+    clip = path(config.ckpt_clip)
+    load_strict(text_encoder, text_state_dict(clip, *text_key_rules(config)), clip)
+    load_strict(unet, unet_state_dict(path(config.ckpt_unet)), path(config.ckpt_unet))
+    vae = path(config.ckpt_autoencoder)
+    load_strict(autoencoder, autoencoder_state_dict(vae), vae)
+    return text_encoder, unet, autoencoder

@@ -44,7 +44,7 @@ def test_default_generation_writes_a_browser_playable_mp4(original_pipe):
 
 def test_output_video_path_and_same_seed_same_frames(original_pipe, tmp_path):
     first = original_pipe({'text': PROMPT, 'seed': 11}, output_video=str(tmp_path / 'a.mp4'), **SMALL)
-    second = original_pipe({'text': PROMPT, 'seed': 11}, output_video=str(tmp_path / 'b.mp4'), **SMALL)
+    original_pipe({'text': PROMPT, 'seed': 11}, output_video=str(tmp_path / 'b.mp4'), **SMALL)
     assert first[OutputKeys.OUTPUT_VIDEO] == str(tmp_path / 'a.mp4')
     assert np.array_equal(read_frames(tmp_path / 'a.mp4'), read_frames(tmp_path / 'b.mp4'))
     frames = original_pipe({'text': PROMPT, 'seed': 11}, output_type='frames', **SMALL)['frames']

@@ -12,7 +12,7 @@ from torch import nn
 
 from modelscope_t2v import TextToVideo, weights
 from modelscope_t2v.config import TINY
-from modelscope_t2v.models.text_encoder import OpenCLIPTextEncoder, is_text_tower_key
+from modelscope_t2v.models.text_encoder import OpenCLIPTextEncoder
 from modelscope_t2v.models.unet3d import UNet3D
 from modelscope_t2v.weights import AUTOENCODER_PREFIX, CheckpointError
 
@@ -344,20 +344,12 @@ def test_load_strict_shows_only_the_first_keys():
 
 # -- the text tower ----------------------------------------------------------------------------
 
-def _text_predicates(config):
-    """keep / unused as TextToVideo.from_pretrained defines them."""
-    keep = lambda k: is_text_tower_key(k, config.text)  # noqa: E731
-    unused = lambda k: (k.startswith('visual.') or k in ('text_projection', 'logit_scale', 'attn_mask')  # noqa: E731
-                        or is_text_tower_key(k, config.text, config.text.layers))
-    return keep, unused
-
-
 def test_text_state_dict_drops_known_unused_keys(tiny_model_dir):
     path = os.path.join(tiny_model_dir, TINY.ckpt_clip)
     in_file = torch.load(path, weights_only=True)
     last = f'transformer.resblocks.{TINY.text.layers - 1}.'
     assert any(k.startswith(last) for k in in_file) and 'visual.class_embedding' in in_file
-    got = weights.text_state_dict(path, *_text_predicates(TINY))
+    got = weights.text_state_dict(path, *weights.text_key_rules(TINY))
     with torch.device('meta'):
         wanted_keys = set(OpenCLIPTextEncoder(TINY.text).state_dict())
     assert set(got) == wanted_keys
@@ -375,7 +367,7 @@ def test_text_state_dict_lists_stray_keys(tiny_model_dir, tmp_path):
     path = tmp_path / 'open_clip_pytorch_model.bin'
     torch.save(state, path)
     with pytest.raises(CheckpointError) as error:
-        weights.text_state_dict(path, *_text_predicates(TINY))
+        weights.text_state_dict(path, *weights.text_key_rules(TINY))
     message = str(error.value)
     assert str(path) in message
     assert 'transformer.resblocks.7.attn.in_proj_weight' in message and 'prompt_learner.ctx' in message

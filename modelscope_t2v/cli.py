@@ -1,0 +1,137 @@
+"""Command line: `modelscope-t2v "A panda eating bamboo on a rock." -o panda.mp4`.
+
+Parses flags into the pipeline's options and calls the ModelScope pipeline;
+holds no generation logic. Exit status 0 on success, 2 with a one-line reason
+on a user error, 1 on any other failure, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .hub import DEFAULT_MODEL, HUBS
+from .request import MAX_FRAMES, MAX_SIDE
+from .schedulers import DEFAULT_SAMPLER, SAMPLERS
+
+EXAMPLE = 'modelscope-t2v "A panda eating bamboo on a rock." -o panda.mp4 --seed 42'
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the model comes from and where it runs."""
+    group = parser.add_argument_group('model')
+    group.add_argument('--model', default=DEFAULT_MODEL,
+                       help='local model dir or hub id (default: %(default)s, downloaded once into the cache)')
+    group.add_argument('--hub', choices=HUBS, default='huggingface', help='hub of a hub id (default: %(default)s)')
+    group.add_argument('--device', default='gpu',
+                       help="'gpu' (CUDA when available, else CPU), 'cpu', 'cuda:1'... (default: %(default)s)")
+    group.add_argument('--compile', action='store_true',
+                       help='torch.compile the UNet on CUDA: about 2 min once, then faster steps')
+
+
+def add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    """Every generation control, with the original's defaults."""
+    group = parser.add_argument_group('generation')
+    group.add_argument('--negative-prompt', default=None, help="what to steer away from (default: '')")
+    group.add_argument('--seed', type=int, default=None, help='0..2**63-1; video i of a batch uses seed+i '
+                       '(default: random, reported)')
+    group.add_argument('--num-videos', dest='num_videos_per_prompt', type=int, default=None,
+                       help='videos per prompt (default: 1)')
+    group.add_argument('--num-frames', type=int, default=None,
+                       help=f'1..{MAX_FRAMES} (default: max_frames of configuration.json, 16)')
+    group.add_argument('--height', type=int, default=None, help=f'multiple of 8, up to {MAX_SIDE} (default: 256)')
+    group.add_argument('--width', type=int, default=None, help=f'multiple of 8, up to {MAX_SIDE} (default: 256)')
+    group.add_argument('--fps', type=float, default=None, help='frames per second of the file (default: 8)')
+    group.add_argument('--steps', dest='num_inference_steps', type=int, default=None,
+                       help='denoising steps, 1..1000 (default: 50)')
+    group.add_argument('--guidance-scale', type=float, default=None,
+                       help='classifier-free guidance, 0..100; <= 1 turns it off (default: 9.0)')
+    group.add_argument('--eta', type=float, default=None, help='DDIM noise, 0..1 (default: 0)')
+    group.add_argument('--sampler', choices=sorted(SAMPLERS), default=None,
+                       help=f'(default: {DEFAULT_SAMPLER}, which reproduces the original exactly)')
+    group.add_argument('--decode-chunk-frames', type=int, default=None,
+                       help='frames the autoencoder decodes at once (default: 4 on GPU, all on CPU)')
+    group.add_argument('--no-progress', dest='show_progress', action='store_false', default=None,
+                       help='no progress bar')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='modelscope-t2v', description='Text to video with ModelScope\'s 1.7B diffusion model.',
+        epilog=f'example: {EXAMPLE}\nbatch jobs: modelscope-t2v batch --help',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('prompt', help='what the video shows, in English')
+    parser.add_argument('-o', '--output', dest='output_video', default=None,
+                        help='.mp4 (H.264), .webm (VP9) or .gif; a batch writes NAME-0.mp4, NAME-1.mp4, ... '
+                             '(default: a new file in the temp folder)')
+    add_model_flags(parser)
+    add_generation_flags(parser)
+    parser.add_argument('--verbose', action='store_true', help='log progress details')
+    return parser
+
+
+def generation_options(args: argparse.Namespace) -> dict:
+    """The flags that map one to one onto the pipeline's options; unset ones are left out."""
+    keys = ('negative_prompt', 'seed', 'num_videos_per_prompt', 'num_frames', 'height', 'width', 'fps',
+            'num_inference_steps', 'guidance_scale', 'eta', 'sampler', 'decode_chunk_frames',
+            'show_progress', 'output_video')
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def load_pipeline(args: argparse.Namespace):
+    """The ModelScope pipeline over the resolved model dir (the plugin registers on import)."""
+    from modelscope.pipelines import pipeline
+
+    from .hub import resolve_model_dir
+    model_dir = resolve_model_dir(args.model, args.hub)
+    options = {'compile_unet': True} if args.compile else {}
+    return pipeline('text-to-video-synthesis', model_dir, device=args.device, **options)
+
+
+def run_generate(argv) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format='%(message)s')
+    if not args.verbose:
+        logging.getLogger('modelscope').setLevel(logging.ERROR)  # its start-up chatter
+    from .config import FULL
+    from .request import parse_request
+    parse_request({'text': args.prompt}, FULL, **generation_options(args))  # fail fast, before loading
+    out = load_pipeline(args)({'text': args.prompt}, **generation_options(args))
+    paths = out['output_video'] if isinstance(out['output_video'], list) else [out['output_video']]
+    for path in paths:
+        print(path)
+    if args.verbose:
+        print(json.dumps(out['parameters'], indent=2), file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == 'batch':
+        from .batch import main as batch_main
+        return batch_main(argv[1:])
+    return guarded(run_generate, argv)
+
+
+def guarded(command, argv) -> int:
+    """Run a command, turning errors into one line on stderr and an exit status."""
+    from .hub import ModelNotFound
+    from .weights import CheckpointError
+    try:
+        return command(argv)
+    except (ValueError, TypeError, ModelNotFound, CheckpointError) as error:
+        print(f'modelscope-t2v: error: {error}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print('modelscope-t2v: interrupted', file=sys.stderr)
+        return 130
+    except Exception as error:  # anything else: still one line, the details in --verbose logs
+        logging.getLogger(__name__).debug('failure', exc_info=True)
+        print(f'modelscope-t2v: failed: {type(error).__name__}: {error}', file=sys.stderr)
+        return 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

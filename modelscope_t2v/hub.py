@@ -1,0 +1,65 @@
+"""Find a model dir: a local folder, or a hub id downloaded once into the hub's usual cache.
+
+The only module that talks to a model hub (Hugging Face Hub or ModelScope Hub).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .config import CONFIG_FILE
+
+logger = logging.getLogger(__name__)
+
+# The original weights in their original file format (the model card's download).
+DEFAULT_MODEL = 'damo-vilab/modelscope-damo-text-to-video-synthesis'
+HUBS = ('huggingface', 'modelscope')
+
+
+class ModelNotFound(FileNotFoundError):
+    """Neither a local model dir nor a hub id that could be downloaded."""
+
+
+def resolve_model_dir(model: str = DEFAULT_MODEL, hub: str = 'huggingface') -> str:
+    """A local model dir for `model`: itself if it is a folder, else the hub's cached download."""
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, CONFIG_FILE)):
+            raise ModelNotFound(f'{model} is a folder without {CONFIG_FILE}; a model dir holds it '
+                                'beside the three checkpoint files')
+        return model
+    if hub not in HUBS:
+        raise ValueError(f'hub={hub!r} is not one of {HUBS}')
+    if not _looks_like_hub_id(model):
+        raise ModelNotFound(f'model={model!r} is neither an existing folder nor a hub id like {DEFAULT_MODEL!r}')
+    try:
+        return _download(model, hub)
+    except Exception as error:  # the hub clients raise many types for "offline" and "not found"
+        raise ModelNotFound(
+            f'could not get {model!r} from the {hub} hub ({type(error).__name__}: {_first_line(error)}). '
+            'Without network, pass a local model dir holding configuration.json, '
+            'text2video_pytorch_model.pth, VQGAN_autoencoder.pth and open_clip_pytorch_model.bin, '
+            'e.g. --model ./weights') from error
+
+
+def _download(repo_id: str, hub: str) -> str:
+    """The cached snapshot if there is one, else a download with the hub's progress bars."""
+    if hub == 'modelscope':
+        from modelscope.hub.snapshot_download import snapshot_download as modelscope_download
+        return modelscope_download(repo_id)
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:
+        logger.info('downloading %s from the Hugging Face Hub (once; then cached)', repo_id)
+        return snapshot_download(repo_id)
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    """'owner/name': one slash, not a path that starts at '/', '.' or '~'."""
+    owner, _, name = model.partition('/')
+    return bool(owner and name) and '/' not in name and not model.startswith(('.', '~'))
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [''])[0][:200]
