@@ -1,0 +1,63 @@
+"""The command line as a user runs it: exit status, one-line errors, the file it writes."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from modelscope_t2v.hub import DEFAULT_MODEL, ModelNotFound, resolve_model_dir
+from modelscope_t2v.video_io import probe_video
+
+SMALL = ['--num-frames', '4', '--height', '64', '--width', '64', '--steps', '2', '--device', 'cpu']
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, '-m', 'modelscope_t2v', *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})})
+
+
+def test_generates_the_named_file(tiny_model_dir, tmp_path):
+    out = tmp_path / 'panda.webm'
+    result = run_cli('A panda eating bamboo on a rock.', '-o', str(out), '--model', tiny_model_dir,
+                     '--seed', '3', '--fps', '12', *SMALL)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    info = probe_video(out)
+    assert (info['codec'], info['frames'], info['fps'], info['width']) == ('vp9', 4, 12.0, 64)
+    assert '"seed": 3' in info['comment']
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--height', '250'], 'height=250 is not a multiple of 8'),
+    (['--steps', '0'], 'num_inference_steps=0 is outside the valid range 1..1000'),
+    (['-o', '/no/such/folder/x.mp4'], "output_video='/no/such/folder/x.mp4'"),
+])
+def test_bad_values_fail_fast_with_one_line(args, message, tiny_model_dir):
+    result = run_cli('a prompt', '--model', tiny_model_dir, '--device', 'cpu', *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('modelscope-t2v: error:') and message in lines[0]
+
+
+def test_offline_hub_id_says_how_to_pass_a_local_dir():
+    result = run_cli('a prompt', '--model', 'someone/some-model', env={'HF_HUB_OFFLINE': '1'})
+    assert result.returncode == 2
+    assert 'pass a local model dir' in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_help_documents_defaults_and_ranges():
+    result = run_cli('--help', env={'COLUMNS': '300'})
+    assert result.returncode == 0
+    for text in (DEFAULT_MODEL, 'default: 50', 'default: 9.0', 'multiple of 8', 'dpm++2m-karras'):
+        assert text in result.stdout
+
+
+def test_resolve_model_dir(tiny_model_dir, tmp_path):
+    assert resolve_model_dir(tiny_model_dir) == tiny_model_dir
+    with pytest.raises(ModelNotFound, match='without configuration.json'):
+        resolve_model_dir(str(tmp_path))
+    with pytest.raises(ModelNotFound, match='neither an existing folder nor a hub id'):
+        resolve_model_dir('./missing/model/dir')
+    with pytest.raises(ValueError, match="hub='elsewhere'"):
+        resolve_model_dir('owner/name', hub='elsewhere')
