@@ -1,0 +1,377 @@
+"""Batch jobs: `modelscope-t2v batch prompts.jsonl --out DIR`, one video per JSON line, resumable.
+
+Every line is checked with parse_request before any generation; a bad line is
+reported on stderr with its number and skipped. Each finished video gets one
+line in DIR/manifest.jsonl: {"line", "output", "seconds", "parameters" (seed
+included), "request", "rank", "finished_at"}. A rerun skips an item only when
+its manifest entry exists AND its file decodes to the entry's frame count and
+size (video_io.probe_video); anything else is made again.
+
+Several GPUs or nodes: `torchrun --nproc-per-node N -m modelscope_t2v.batch ...`.
+Rank r takes the lines of index i (0-based) with i % world_size == r, runs on
+cuda:LOCAL_RANK (the CPU without CUDA), appends to DIR/manifest.rank{r}.jsonl,
+and rank 0 folds those into manifest.jsonl at the end. Exit status 0 when every
+line has its video, 3 when some line failed, 2 on a bad flag, 1 otherwise
+(torchrun itself exits 1 when a rank does not exit 0). Several nodes need --out
+on a filesystem they share: rank 0 reads every rank's manifest file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .cli import add_generation_flags, add_model_flags, generation_options, guarded, load_pipeline
+from .request import GenerationRequest, parse_request
+from .video_io import probe_video
+
+logger = logging.getLogger(__name__)
+
+EXIT_SOME_FAILED = 3
+MANIFEST = 'manifest.jsonl'
+RANK_MANIFEST = 'manifest.rank{}.jsonl'
+# A rank that is done waits at the final barrier for the slowest one: hours on a long
+# or unevenly resumed job, far beyond torch.distributed's 30-minute default.
+BARRIER_TIMEOUT = datetime.timedelta(days=7)
+# Request keys a line may not set: the batch names the files and always writes video.
+NOT_IN_A_LINE = {'output_video': "name the file with 'output' (a path inside --out)",
+                 'output_type': 'a batch always writes video files',
+                 'callback': 'not available from JSON', 'generator': "use 'seed'",
+                 'latents': "use 'seed'"}
+EXAMPLE = ('prompts.jsonl:  {"text": "A panda eating bamboo on a rock.", "seed": 42}\n'
+           '                {"text": "A red kite over the sea.", "num_frames": 24, "output": "kite.mp4"}\n'
+           'one GPU:        modelscope-t2v batch prompts.jsonl --out videos\n'
+           'N GPUs:         torchrun --nproc-per-node N -m modelscope_t2v.batch prompts.jsonl --out videos')
+
+
+@dataclass
+class Item:
+    line: int                    # 1-based line number in the prompts file
+    output: str                  # file path relative to --out
+    values: dict                 # flags' defaults + the line's keys, as given (what a rerun compares)
+    request: GenerationRequest   # the checked request (its seed drawn when none was given)
+
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    distributed: bool = False    # torch.distributed initialised (run under torchrun)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def sum(self, counts: List[int]) -> List[int]:
+        """Element-wise sum of the counts over all ranks."""
+        if not self.distributed:
+            return counts
+        total = torch.tensor(counts, dtype=torch.int64)
+        torch.distributed.all_reduce(total)
+        return total.tolist()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='modelscope-t2v batch', description='One video per line of a JSON Lines file; '
+        'reruns skip finished lines. The flags below are defaults that a line\'s keys override.',
+        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('prompts', help='JSON Lines: one object per line with "text" and any generation '
+                        'option (seed, num_frames, sampler, ...); "output" names the file (default NNNNN.mp4)')
+    parser.add_argument('--out', required=True, help='folder of the videos and manifest.jsonl (created)')
+    parser.add_argument('--overwrite', action='store_true', help='make every line again, finished or not')
+    add_model_flags(parser)
+    add_generation_flags(parser)
+    parser.add_argument('--verbose', action='store_true', help='log progress details')
+    return parser
+
+
+# --- the prompts file -------------------------------------------------------------
+
+def read_items(path: str, out_dir: str, config, defaults: dict) -> Tuple[List[Item], List[Tuple[int, str]]]:
+    """The checked items of a prompts file and the (line, reason) of each bad line."""
+    if not os.path.isfile(path):
+        raise ValueError(f'prompts file {path!r} does not exist')
+    items, bad, owners = [], [], {}
+    with open(path, encoding='utf-8') as f:
+        for number, text in enumerate(f, start=1):
+            if not text.strip():
+                continue  # blank lines separate groups of prompts
+            try:
+                item = parse_line(number, text, out_dir, config, defaults)
+                key = os.path.normcase(os.path.normpath(item.output))
+                if key in owners:
+                    raise ValueError(f'output {item.output!r} is also the file of line {owners[key]}')
+                owners[key] = number
+                items.append(item)
+            except (ValueError, TypeError) as error:  # json.JSONDecodeError is a ValueError
+                bad.append((number, str(error)))
+    return items, bad
+
+
+def parse_line(number: int, text: str, out_dir: str, config, defaults: dict) -> Item:
+    """One line -> a checked Item; ValueError/TypeError say what is wrong."""
+    try:
+        line = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f'invalid JSON ({error})') from None
+    if not isinstance(line, dict):
+        raise TypeError(f'expected a JSON object like {{"text": "..."}}, got {type(line).__name__}')
+    for key, reason in NOT_IN_A_LINE.items():
+        if key in line:
+            raise ValueError(f'{key!r} cannot be set in a batch line: {reason}')
+    values = {**defaults, **line}  # the line's keys win over the flags
+    output = _output_name(values.pop('output', None), number, out_dir)
+    request = parse_request(values, config, output_video=os.path.join(out_dir, output))
+    if request.num_videos != 1:
+        raise ValueError(f'this line asks for {request.num_videos} videos; a batch makes one video per line '
+                         '(text must be one string and num_videos_per_prompt 1): repeat the line instead')
+    values.pop('show_progress', None)  # no effect on the video
+    return Item(line=number, output=output, values={**values, 'output': output}, request=request)
+
+
+def _output_name(name, number: int, out_dir: str) -> str:
+    """The file of a line relative to out_dir: its 'output' (parent folders created) or NNNNN.mp4."""
+    if name is None:
+        return f'{number:05d}.mp4'
+    if not isinstance(name, str) or not name.strip():
+        raise TypeError(f"output must be a file name like 'kite.mp4', not {name!r}")
+    relative = os.path.normpath(name)
+    if os.path.isabs(relative) or relative.split(os.sep)[0] == os.pardir:
+        raise ValueError(f'output {name!r} must be a path inside --out {out_dir!r}')
+    os.makedirs(os.path.join(out_dir, os.path.dirname(relative)), exist_ok=True)
+    return relative
+
+
+# --- the manifest ----------------------------------------------------------------
+
+def append_entry(path: str, entry: dict) -> None:
+    """Append one complete JSON line and fsync: a crash leaves at most a truncated last line."""
+    with open(path, 'ab') as f:
+        if f.tell() and not _ends_with_newline(path):
+            f.write(b'\n')  # end a fragment left by a crash, so this entry stays whole
+        f.write(json.dumps(entry).encode() + b'\n')
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, 'rb') as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b'\n'
+
+
+def read_entries(path: str) -> List[dict]:
+    """The complete entries of a manifest file; truncated or foreign lines are skipped with a warning."""
+    if not os.path.isfile(path):
+        return []
+    entries = []
+    with open(path, encoding='utf-8', errors='replace') as f:
+        for number, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                entry = json.loads(text)
+            except json.JSONDecodeError:
+                entry = None
+            if not isinstance(entry, dict) or not isinstance(entry.get('line'), int):
+                logger.warning('%s:%d is not a complete entry (a run stopped while writing it?); ignored',
+                               path, number)
+                continue
+            entries.append(entry)
+    return entries
+
+
+def merge_manifests(out_dir: str, remove_rank_files: bool) -> Dict[int, dict]:
+    """Fold manifest.jsonl and every manifest.rank*.jsonl into manifest.jsonl: newest entry per line, sorted."""
+    rank_files = sorted(glob.glob(os.path.join(out_dir, RANK_MANIFEST.format('*'))))
+    latest: Dict[int, dict] = {}
+    for path in [os.path.join(out_dir, MANIFEST)] + rank_files:
+        for entry in read_entries(path):
+            old = latest.get(entry['line'])
+            if old is None or entry.get('finished_at', 0) >= old.get('finished_at', 0):
+                latest[entry['line']] = entry
+    text = ''.join(json.dumps(latest[n]) + '\n' for n in sorted(latest))
+    _write_atomically(os.path.join(out_dir, MANIFEST), text)
+    if remove_rank_files:
+        for path in rank_files:
+            os.remove(path)
+    return latest
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = f'{path}.partial-{os.getpid()}'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def is_finished(item: Item, entry: Optional[dict], out_dir: str) -> bool:
+    """Whether the manifest says the item is done and its file decodes to the recorded frames and size."""
+    if entry is None or entry.get('output') != item.output:
+        return False
+    path = os.path.join(out_dir, item.output)
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        logger.warning('line %d: %s is missing; making it again', item.line, path)
+        return False
+    params = entry.get('parameters', {})
+    try:
+        info = probe_video(path)
+    except ValueError as error:
+        logger.warning('line %d: %s is unreadable (%s); making it again', item.line, path, error)
+        return False
+    found = (info['frames'], info['height'], info['width'])
+    expected = (params.get('num_frames'), params.get('height'), params.get('width'))
+    if found != expected:
+        logger.warning('line %d: %s has frames, height, width %s, not %s; making it again',
+                       item.line, path, found, expected)
+        return False
+    if entry.get('request') != item.values:
+        logger.warning('line %d: %s was made with other settings than the line and flags give now; kept '
+                       '(--overwrite makes it again)', item.line, path)
+    return True
+
+
+# --- ranks and generation ------------------------------------------------------------
+
+def init_ranks() -> Ranks:
+    """Join torchrun's process group when WORLD_SIZE is set (RANK, LOCAL_RANK, MASTER_* from it)."""
+    if 'WORLD_SIZE' not in os.environ:
+        return Ranks()
+    # gloo for every device: the ranks only exchange a barrier and three counts, on the CPU
+    torch.distributed.init_process_group('gloo', timeout=BARRIER_TIMEOUT)
+    return Ranks(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
+                 local_rank=int(os.environ.get('LOCAL_RANK', 0)), distributed=True)
+
+
+def rank_device(device: str, ranks: Ranks) -> str:
+    """Under torchrun 'gpu'/'cuda' means this rank's GPU, cuda:LOCAL_RANK (the CPU without CUDA)."""
+    if not ranks.distributed or device not in ('gpu', 'cuda'):
+        return device
+    if not torch.cuda.is_available():
+        return 'cpu'
+    torch.cuda.set_device(ranks.local_rank)
+    return f'cuda:{ranks.local_rank}'
+
+
+def resolve_model(args, ranks: Ranks) -> str:
+    """The local model dir; each node's local rank 0 downloads first, the others then read its cache."""
+    from .hub import resolve_model_dir
+    if ranks.local_rank == 0:
+        model_dir = resolve_model_dir(args.model, args.hub)
+    ranks.barrier()
+    if ranks.local_rank != 0:
+        model_dir = resolve_model_dir(args.model, args.hub)
+    return model_dir
+
+
+def generate(pipe, item: Item, out_dir: str, rank: int) -> dict:
+    """Make one item's video; its manifest entry."""
+    options = {k: v for k, v in item.values.items() if k not in ('text', 'output')}
+    options.update(seed=item.request.seed, output_video=os.path.join(out_dir, item.output))
+    if item.request.show_progress is not None:
+        options['show_progress'] = item.request.show_progress
+    start = time.perf_counter()
+    out = pipe({'text': item.values['text']}, **options)
+    seconds = time.perf_counter() - start
+    parameters = {k: v for k, v in out['parameters'].items() if k != 'output_video'}
+    return {'line': item.line, 'output': item.output, 'seconds': round(seconds, 3), 'parameters': parameters,
+            'request': item.values, 'rank': rank, 'finished_at': time.time()}
+
+
+def run_items(args, items: List[Item], done: Dict[int, dict], ranks: Ranks, model_dir: str) -> List[int]:
+    """Make this rank's unfinished items; counts [made, skipped, failed]."""
+    mine = [item for item in items if (item.line - 1) % ranks.world_size == ranks.rank]
+    todo = [item for item in mine if args.overwrite or not is_finished(item, done.get(item.line), args.out)]
+    manifest = os.path.join(args.out, MANIFEST if not ranks.distributed else RANK_MANIFEST.format(ranks.rank))
+    made = failed = 0
+    if todo:  # the model is loaded once, and only when there is work
+        pipe = load_pipeline(argparse.Namespace(**{**vars(args), 'model': model_dir}))
+    for item in todo:
+        try:
+            entry = generate(pipe, item, args.out, ranks.rank)
+        except Exception as error:  # e.g. out of memory at one size: report it, go on with the rest
+            logger.debug('line %d failed', item.line, exc_info=True)
+            print(f'modelscope-t2v batch: line {item.line}: failed: {type(error).__name__}: {error}',
+                  file=sys.stderr)
+            failed += 1
+            continue
+        append_entry(manifest, entry)
+        print(os.path.join(args.out, item.output), flush=True)
+        made += 1
+    return [made, len(mine) - len(todo), failed]
+
+
+def run_batch(argv) -> int:
+    args = build_parser().parse_args(argv)
+    ranks = init_ranks()
+    try:
+        return _run(args, ranks)
+    finally:
+        if ranks.distributed:
+            torch.distributed.destroy_process_group()
+
+
+def _run(args, ranks: Ranks) -> int:
+    # 1. logging, device and flags (a bad flag is a user error for the whole batch: exit 2)
+    prefix = f'[rank {ranks.rank}] ' if ranks.distributed else ''
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format=prefix + '%(message)s')
+    if not args.verbose:
+        logging.getLogger('modelscope').setLevel(logging.ERROR)  # its start-up chatter
+    args.device = rank_device(args.device, ranks)
+    defaults = generation_options(args)
+    if ranks.distributed and args.show_progress is None:
+        defaults['show_progress'] = False  # N interleaved progress bars help no one
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f'--out {args.out!r} is a file, not a folder')
+    os.makedirs(args.out, exist_ok=True)
+
+    # 2. check every line before any generation; every rank reads the same verdicts
+    from .config import load as load_config
+    model_dir = resolve_model(args, ranks)
+    config = load_config(model_dir)
+    parse_request({'text': 'a check of the flags'}, config, **defaults)
+    if defaults.get('num_videos_per_prompt', 1) != 1:
+        raise ValueError(f"--num-videos {defaults['num_videos_per_prompt']}: a batch makes one video per line; "
+                         'repeat a line with other seeds instead')
+    items, bad = read_items(args.prompts, args.out, config, defaults)
+    if ranks.rank == 0:
+        for number, reason in bad:
+            print(f'modelscope-t2v batch: line {number}: {reason}; skipped', file=sys.stderr)
+
+    # 3. rank 0 folds earlier runs' manifests (and drops a truncated line) before anyone reads them
+    if ranks.rank == 0:
+        merge_manifests(args.out, remove_rank_files=True)
+    ranks.barrier()
+    done = {entry['line']: entry for entry in read_entries(os.path.join(args.out, MANIFEST))}
+
+    # 4. this rank's share, then the merged manifest once every rank is done
+    made, skipped, failed = ranks.sum(run_items(args, items, done, ranks, model_dir))
+    ranks.barrier()
+    if ranks.rank == 0:
+        merge_manifests(args.out, remove_rank_files=False)  # rank files stay: this run's record per rank
+        print(f'modelscope-t2v batch: {made} made, {skipped} already finished, {len(bad) + failed} failed; '
+              f'{os.path.join(args.out, MANIFEST)}', file=sys.stderr)
+    ranks.barrier()  # torchrun stops the group when one rank exits non-zero: not before the merge
+    return EXIT_SOME_FAILED if bad or failed else 0
+
+
+def main(argv=None) -> int:
+    return guarded(run_batch, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""`modelscope-t2v batch`: bad lines, the manifest, resuming, and two ranks under torchrun."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from modelscope_t2v import batch
+from modelscope_t2v.text_to_video import TextToVideo
+from modelscope_t2v.video_io import probe_video
+
+TINY_FLAGS = ['--device', 'cpu', '--num-frames', '2', '--height', '64', '--width', '64', '--steps', '1',
+              '--guidance-scale', '1']
+
+
+def write_lines(path, lines):
+    path.write_text(''.join((line if isinstance(line, str) else json.dumps(line)) + '\n' for line in lines))
+    return str(path)
+
+
+def manifest(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture
+def generated(monkeypatch):
+    """The prompts that reach the engine, in order: one per generated video."""
+    texts, call = [], TextToVideo.__call__
+
+    def counting(self, request):
+        texts.extend(request.prompts)
+        return call(self, request)
+
+    monkeypatch.setattr(TextToVideo, '__call__', counting)
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    return texts
+
+
+def test_bad_lines_are_reported_and_skipped(tiny_model_dir, tmp_path, generated, capsys):
+    prompts = write_lines(tmp_path / 'prompts.jsonl', [
+        {'text': 'line 1', 'seed': 7},
+        '{"text": "line 2", "seed": ',                            # invalid JSON
+        {'text': 'line 3', 'num_frames': 3, 'output': 'sub/three.mp4'},  # the line's keys win
+        {'text': 'line 4', 'height': 250},                        # not a multiple of 8
+        {'text': 'line 5', 'sampler': 'dpm++2m'},
+    ])
+    out = tmp_path / 'out'
+    status = batch.main([prompts, '--out', str(out), '--model', tiny_model_dir] + TINY_FLAGS)
+    err = capsys.readouterr().err
+    assert status == batch.EXIT_SOME_FAILED == 3
+    assert 'line 2: invalid JSON' in err and 'line 4: height=250 is not a multiple of 8' in err
+    assert not any(f'line {n}:' in err for n in (1, 3, 5))
+    assert generated == ['line 1', 'line 3', 'line 5']  # bad lines never reach the model
+    files = {1: '00001.mp4', 3: os.path.join('sub', 'three.mp4'), 5: '00005.mp4'}
+    assert {n: probe_video(out / f)['frames'] for n, f in files.items()} == {1: 2, 3: 3, 5: 2}
+    entries = manifest(out / 'manifest.jsonl')
+    assert [e['line'] for e in entries] == [1, 3, 5]
+    assert [e['output'] for e in entries] == list(files.values())
+    assert entries[0]['parameters']['seed'] == 7
+    assert all(isinstance(e['parameters']['seed'], int) for e in entries)  # drawn ones are reported
+    assert [e['parameters']['num_frames'] for e in entries] == [2, 3, 2]
+    assert [e['parameters']['sampler'] for e in entries] == ['ddim', 'ddim', 'dpm++2m']
+    assert all(0 < e['seconds'] < 60 for e in entries)
+
+
+def test_resume_redoes_only_unfinished_items_and_overwrite_redoes_all(tiny_model_dir, tmp_path, generated, capsys):
+    prompts = write_lines(tmp_path / 'prompts.jsonl', [{'text': f'line {n}', 'seed': n} for n in range(1, 5)])
+    out = tmp_path / 'out'
+    argv = [prompts, '--out', str(out), '--model', tiny_model_dir] + TINY_FLAGS
+    assert batch.main(argv) == 0
+    paths = {n: out / f'{n:05d}.mp4' for n in range(1, 5)}
+    before = {n: (p.stat().st_mtime_ns, p.read_bytes()) for n, p in paths.items()}
+
+    # line 1: file deleted; line 2: file corrupt; line 4: manifest entry cut mid-line (a crash)
+    paths[1].unlink()
+    paths[2].write_bytes(b'not a video')
+    text = (out / 'manifest.jsonl').read_text()
+    (out / 'manifest.jsonl').write_text(text[:-1 - len(text.splitlines()[-1]) // 2])
+    generated.clear()
+    assert batch.main(argv) == 0
+    assert generated == ['line 1', 'line 2', 'line 4']
+    assert (paths[3].stat().st_mtime_ns, paths[3].read_bytes()) == before[3]  # finished: untouched
+    assert {n: probe_video(p)['frames'] for n, p in paths.items()} == {1: 2, 2: 2, 3: 2, 4: 2}
+    entries = manifest(out / 'manifest.jsonl')  # every line parses: the fragment is gone
+    assert [e['line'] for e in entries] == [1, 2, 3, 4]
+    assert [e['parameters']['seed'] for e in entries] == [1, 2, 3, 4]
+
+    generated.clear()
+    capsys.readouterr()
+    assert batch.main(argv) == 0
+    assert generated == []
+    assert '0 made, 4 already finished, 0 failed' in capsys.readouterr().err
+
+    middle = {n: p.stat().st_mtime_ns for n, p in paths.items()}
+    assert batch.main(argv + ['--overwrite']) == 0
+    assert generated == ['line 1', 'line 2', 'line 3', 'line 4']
+    assert all(paths[n].stat().st_mtime_ns > middle[n] for n in paths)
+    assert len(manifest(out / 'manifest.jsonl')) == 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('localhost', 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks_share_the_lines(tiny_model_dir, tmp_path):
+    prompts = write_lines(tmp_path / 'prompts.jsonl', [{'text': f'line {n}', 'seed': n} for n in range(1, 5)])
+    out = tmp_path / 'out'
+    torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
+    env = {k: v for k, v in os.environ.items() if k not in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK')}
+    env['OMP_NUM_THREADS'] = '1'
+    cmd = [torchrun, '--nproc-per-node', '2', '--master-port', str(free_port()), '-m', 'modelscope_t2v.batch',
+           prompts, '--out', str(out), '--model', tiny_model_dir] + TINY_FLAGS
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    per_rank = [manifest(out / f'manifest.rank{r}.jsonl') for r in range(2)]
+    assert [[e['line'] for e in entries] for entries in per_rank] == [[1, 3], [2, 4]]  # index % 2 == rank
+    assert [{e['rank'] for e in entries} for entries in per_rank] == [{0}, {1}]
+    merged = manifest(out / 'manifest.jsonl')
+    assert [e['line'] for e in merged] == [1, 2, 3, 4]
+    assert [e['parameters']['seed'] for e in merged] == [1, 2, 3, 4]
+    assert [probe_video(out / f'{n:05d}.mp4')['frames'] for n in range(1, 5)] == [2, 2, 2, 2]
