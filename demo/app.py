@@ -1,0 +1,108 @@
+"""Gradio demo for ModelScope Studio and Hugging Face Spaces: a prompt in, an mp4 that plays in the page.
+
+    python demo/app.py --model ./weights        # or MODELSCOPE_T2V_MODEL=./weights python demo/app.py
+
+The ModelScope pipeline is loaded once; each widget is one pipeline option and the
+parameters a video was made with are shown under it. No generation logic lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+
+import gradio as gr
+
+import modelscope_t2v  # noqa: F401  (registers the pipeline in ModelScope)
+from modelscope_t2v.hub import DEFAULT_MODEL, HUBS, resolve_model_dir
+from modelscope_t2v.schedulers import DEFAULT_SAMPLER, SAMPLERS
+
+EXAMPLES = [
+    'A panda eating bamboo on a rock.',
+    'An astronaut riding a horse on the moon.',
+    'A goldfish swimming in a glass bowl, close-up.',
+    'Waves crashing on a rocky beach at sunset.',
+]
+QUEUE_SIZE = 16  # waiting requests beyond this are turned away with "queue full"
+
+
+def new_seed() -> int:
+    """A random seed for the seed box (the pipeline's own random seeds are below 2**31 too)."""
+    return secrets.randbelow(2 ** 31)
+
+
+def load_pipeline(model: str, hub: str = 'huggingface', device: str = 'gpu'):
+    """The ModelScope text-to-video pipeline over a local model dir or a hub id (downloaded once)."""
+    from modelscope.pipelines import pipeline
+    return pipeline('text-to-video-synthesis', resolve_model_dir(model, hub), device=device)
+
+
+def build_demo(pipe, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
+    """The page: controls on the left, the video and its parameters on the right."""
+
+    def generate(prompt, negative_prompt, seed, steps, guidance_scale, frames, sampler,
+                 progress=gr.Progress()):  # noqa: B008  (Gradio's way of asking for a progress bar)
+        def report(step, timestep, latents):
+            progress((step + 1, steps), desc='denoising')
+
+        try:
+            out = pipe({'text': prompt}, negative_prompt=negative_prompt, seed=seed,
+                       num_inference_steps=steps, guidance_scale=guidance_scale, num_frames=frames,
+                       sampler=sampler, callback=report)
+        except (ValueError, TypeError) as error:  # the pipeline's checks name the option and its range
+            raise gr.Error(str(error)) from None
+        parameters = {k: v for k, v in out['parameters'].items() if k != 'output_video'}
+        return out['output_video'], parameters
+
+    # delete_cache: served copies of videos older than a day go, checked hourly
+    with gr.Blocks(title='ModelScope text-to-video', delete_cache=(3600, 86400)) as demo:
+        gr.Markdown('# ModelScope text-to-video\nDescribe a short clip in English; '
+                    '16 frames of 256x256 at 8 fps by default.')
+        with gr.Row():
+            with gr.Column():
+                prompt = gr.Textbox(label='Prompt', lines=2, placeholder=EXAMPLES[0], elem_id='prompt')
+                negative_prompt = gr.Textbox(label='Negative prompt', placeholder='what to steer away from',
+                                             elem_id='negative-prompt')
+                random_seed = gr.Button('Random seed', size='sm', elem_id='random-seed', render=False)
+                seed = gr.Number(new_seed, label='Seed', precision=0, minimum=0, buttons=[random_seed],
+                                 elem_id='seed')
+                steps = gr.Slider(1, 100, value=50, step=1, precision=0, label='Steps', elem_id='steps')
+                guidance_scale = gr.Slider(0, 20, value=9.0, step=0.5, label='Guidance scale',
+                                           elem_id='guidance')
+                frames = gr.Slider(1, 64, value=pipe.model.engine.config.max_frames, step=1, precision=0,
+                                   label='Frames', elem_id='frames')
+                sampler = gr.Dropdown(sorted(SAMPLERS), value=DEFAULT_SAMPLER, label='Sampler', elem_id='sampler')
+                run = gr.Button('Generate', variant='primary', elem_id='generate')
+            with gr.Column():
+                video = gr.Video(label='Video', autoplay=True, loop=True, interactive=False, elem_id='video')
+                parameters = gr.JSON(label='Parameters used', elem_id='parameters')
+        gr.Examples([[text] for text in EXAMPLES], inputs=[prompt], label='Example prompts')
+
+        random_seed.click(new_seed, outputs=seed, queue=False)
+        run.click(generate, inputs=[prompt, negative_prompt, seed, steps, guidance_scale, frames, sampler],
+                  outputs=[video, parameters], api_name='generate')
+    # one generation at a time: the model holds the GPU
+    return demo.queue(max_size=queue_size, default_concurrency_limit=1)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='ModelScope text-to-video Gradio demo.')
+    parser.add_argument('--model', default=os.environ.get('MODELSCOPE_T2V_MODEL', DEFAULT_MODEL),
+                        help='local model dir or hub id (default: $MODELSCOPE_T2V_MODEL, else %(default)s)')
+    parser.add_argument('--hub', choices=HUBS, default='huggingface', help='hub of a hub id (default: %(default)s)')
+    parser.add_argument('--device', default='gpu', help="'gpu' (CUDA when available, else CPU), 'cpu', 'cuda:1'")
+    parser.add_argument('--host', default=None, help='address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1)')
+    parser.add_argument('--port', type=int, default=None, help='(default: $GRADIO_SERVER_PORT or 7860)')
+    parser.add_argument('--queue-size', type=int, default=QUEUE_SIZE, help='waiting requests (default: %(default)s)')
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    pipe = load_pipeline(args.model, args.hub, args.device)
+    build_demo(pipe, args.queue_size).launch(server_name=args.host, server_port=args.port)
+
+
+if __name__ == '__main__':
+    main()

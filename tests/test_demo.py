@@ -1,0 +1,157 @@
+"""The Gradio demo as a user meets it: demo/app.py served on localhost, driven in headless Chromium.
+
+Needs Debian's chromium and Playwright for Python; `.ci/install-browser.sh` installs both.
+Missing, they fail these tests (they are not skipped).
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+APP = Path(__file__).resolve().parents[1] / 'demo' / 'app.py'
+CHROMIUM = '/usr/bin/chromium'
+# Headless as root on a machine without network; no background connections.
+CHROMIUM_FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+                  '--disable-background-networking', '--disable-component-update', '--disable-sync']
+INSTALL_HINT = 'run .ci/install-browser.sh (Debian chromium, gradio and playwright for Python)'
+START_TIMEOUT_S = 180     # importing modelscope and gradio takes ~25 s on a 2-core CPU
+GENERATE_TIMEOUT_S = 240  # 16 frames of 256x256, 2 steps on the tiny model: 10-40 s on a 2-core CPU
+
+
+@pytest.fixture(scope='module')
+def demo_url(tiny_model_dir, tmp_path_factory):
+    """demo/app.py on 127.0.0.1 at a free port, its model dir given as a Studio deployment would."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        pytest.fail(f'gradio is not installed: {INSTALL_HINT}')
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp('demo') / 'app.log'
+    env = {**os.environ, 'MODELSCOPE_T2V_MODEL': tiny_model_dir, 'GRADIO_ANALYTICS_ENABLED': 'False',
+           'HF_HUB_OFFLINE': '1'}
+    with open(log_path, 'w') as log:
+        process = subprocess.Popen([sys.executable, str(APP), '--device', 'cpu', '--host', '127.0.0.1',
+                                    '--port', str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f'http://127.0.0.1:{port}/'
+    try:
+        _wait_until_serving(url, process, log_path)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope='module')
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail(f'playwright for Python is not installed: {INSTALL_HINT}')
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f'{CHROMIUM} not found (Debian package chromium): {INSTALL_HINT}')
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, demo_url):
+    context = browser.new_context(viewport={'width': 1280, 'height': 900})
+    page = context.new_page()
+    page.goto(demo_url)
+    page.locator('#generate').wait_for()
+    yield page
+    context.close()
+
+
+def test_prompt_to_a_video_that_plays_in_the_page(page, tmp_path, capsys):
+    page.locator('#seed').get_by_role('button', name='Random seed').click()
+    page.wait_for_function("() => document.querySelector('#seed input').value !== ''")
+    assert 0 <= int(page.locator('#seed input').input_value()) < 2 ** 31
+
+    page.locator('#prompt textarea').fill('A panda eating bamboo on a rock.')
+    page.locator('#seed input').fill('1234')
+    page.locator('#steps input[type=number]').fill('2')
+    page.locator('#steps input[type=number]').press('Tab')
+    page.locator('#frames input[type=number]').fill('16')
+    page.locator('#frames input[type=number]').press('Tab')
+    started = time.monotonic()
+    page.locator('#generate').click()
+
+    # the <video> has loaded its first frames: readyState 2 is HAVE_CURRENT_DATA
+    page.wait_for_function("() => { const v = document.querySelector('#video video');"
+                           "        return v !== null && v.readyState >= 2; }",
+                           timeout=GENERATE_TIMEOUT_S * 1000)
+    seconds = time.monotonic() - started
+    video = page.evaluate("() => { const v = document.querySelector('#video video');"
+                          "        return {readyState: v.readyState, duration: v.duration, width: v.videoWidth,"
+                          "                height: v.videoHeight, error: v.error && v.error.code}; }")
+    assert video['readyState'] >= 2 and video['error'] is None, video
+    assert 1.9 <= video['duration'] <= 2.1, video  # 16 frames at 8 fps
+    assert (video['width'], video['height']) == (256, 256), video
+
+    page.get_by_text('"num_inference_steps"').wait_for()
+    shown = ''.join(page.locator('#parameters').inner_text().split())
+    for key, value in (('seed', 1234), ('num_inference_steps', 2), ('num_frames', 16), ('fps', 8)):
+        assert f'"{key}":{value},' in shown, shown
+
+    screenshot = _screenshot(page, tmp_path / 'demo-video.png')
+    with capsys.disabled():
+        print(f'\ndemo screenshot: {screenshot} (video after {seconds:.0f} s)')
+
+
+def test_invalid_input_shows_a_readable_error(page, tmp_path, capsys):
+    page.locator('#prompt textarea').fill('')
+    page.locator('#generate').click()
+    message = page.get_by_text("text='' is empty; describe the video in English")
+    message.first.wait_for(timeout=60_000)
+    assert message.first.is_visible()
+    assert page.locator('#video video').count() == 0
+    page.wait_for_timeout(1000)  # the message fades in; let the screenshot show it whole
+    screenshot = _screenshot(page, tmp_path / 'demo-error.png')
+    with capsys.disabled():
+        print(f'\ndemo error screenshot: {screenshot}')
+
+
+def _screenshot(page, path: Path) -> Path:
+    """A full-page PNG; copied into $TEST_ARTIFACTS_DIR too when that is set (for CI to keep)."""
+    page.screenshot(path=str(path), full_page=True)
+    if os.environ.get('TEST_ARTIFACTS_DIR'):
+        os.makedirs(os.environ['TEST_ARTIFACTS_DIR'], exist_ok=True)
+        shutil.copy(path, os.environ['TEST_ARTIFACTS_DIR'])
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_serving(url: str, process: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f'demo/app.py exited with {process.returncode}:\n{_tail(log_path)}')
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    pytest.fail(f'demo/app.py did not serve {url} within {START_TIMEOUT_S} s:\n{_tail(log_path)}')
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    return '\n'.join(path.read_text().splitlines()[-lines:])
