@@ -24,8 +24,8 @@ setup(
         'huggingface_hub',
     ],
     extras_require={
-        'test': ['pytest>=7'],
-        'demo': ['gradio>=4'],
+        'test': ['pytest>=7', 'playwright>=1.40'],   # playwright drives Chromium in the demo test
+        'demo': ['gradio>=6'],
         'bench': [],
     },
     entry_points={'console_scripts': ['modelscope-t2v=modelscope_t2v.cli:main']},

@@ -1,6 +1,6 @@
 """The Gradio demo as a user meets it: demo/app.py served on localhost, driven in headless Chromium.
 
-Needs Debian's chromium and Playwright for Python; `.ci/install-browser.sh` installs both.
+Needs Debian's chromium (`.ci/install-browser.sh`) and the test and demo extras (Playwright, Gradio).
 Missing, they fail these tests (they are not skipped).
 """
 
@@ -20,7 +20,7 @@ CHROMIUM = '/usr/bin/chromium'
 # Headless as root on a machine without network; no background connections.
 CHROMIUM_FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
                   '--disable-background-networking', '--disable-component-update', '--disable-sync']
-INSTALL_HINT = 'run .ci/install-browser.sh (Debian chromium, gradio and playwright for Python)'
+INSTALL_HINT = 'run .ci/install-browser.sh (Debian chromium) and pip install -e ".[test,demo]" (playwright, gradio)'
 START_TIMEOUT_S = 180     # importing modelscope and gradio takes ~25 s on a 2-core CPU
 GENERATE_TIMEOUT_S = 240  # 16 frames of 256x256, 2 steps on the tiny model: 10-40 s on a 2-core CPU
 
