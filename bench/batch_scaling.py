@@ -1,0 +1,65 @@
+"""Videos per minute of `modelscope-t2v batch` on 1..N GPUs, through torchrun.
+
+    python bench/batch_scaling.py --out results.json [--gpus 1,2] [--prompts 16]
+
+Writes a real-size random model (random weights do the arithmetic of real ones)
+and a prompts file of default generations (16 frames, 256x256, DDIM 50,
+guidance 9), then runs the batch job once per GPU count. Reports the wall time
+of the whole job (model loading included) and the generation time summed from
+the manifest.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+
+from modelscope_t2v.config import FULL  # noqa: E402
+from modelscope_t2v.tools.make_random_model import write_model_dir  # noqa: E402
+
+
+def run_batch(gpus: int, prompts: str, model_dir: str, out_dir: str) -> float:
+    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc-per-node={gpus}', '-m', 'modelscope_t2v.batch', prompts,
+           '--out', out_dir, '--model', model_dir, '--no-progress']
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--out', default='batch-scaling.json')
+    parser.add_argument('--gpus', default='1,2')
+    parser.add_argument('--prompts', type=int, default=16)
+    args = parser.parse_args()
+    work = tempfile.mkdtemp()
+    model_dir = write_model_dir(os.path.join(work, 'model'), FULL)
+    prompts = os.path.join(work, 'prompts.jsonl')
+    with open(prompts, 'w') as f:
+        for i in range(args.prompts):
+            f.write(json.dumps({'text': f'A panda eating bamboo on a rock, take {i}.', 'seed': i}) + '\n')
+    rows = []
+    for gpus in map(int, args.gpus.split(',')):
+        out_dir = os.path.join(work, f'videos-{gpus}')
+        wall = run_batch(gpus, prompts, model_dir, out_dir)
+        with open(os.path.join(out_dir, 'manifest.jsonl')) as f:
+            entries = [json.loads(line) for line in f]
+        assert len(entries) == args.prompts, (gpus, len(entries))
+        rows.append({'gpus': gpus, 'videos': len(entries), 'wall_s': wall,
+                     'videos_per_minute': 60 * len(entries) / wall,
+                     'generation_s_per_video': sum(e['seconds'] for e in entries) / len(entries)})
+        print(json.dumps(rows[-1]), flush=True)
+    import torch
+    result = {'device': torch.cuda.get_device_name(), 'torch': torch.__version__,
+              'date': time.strftime('%Y-%m-%d'), 'rows': rows}
+    with open(args.out, 'w') as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == '__main__':
+    main()
