@@ -166,11 +166,12 @@ def profile_unet(engine: TextToVideo, args, path: str) -> None:
     print(table[:6000])
 
 
-def compile_unet(engine: TextToVideo, mode: str) -> float:
+def compile_unet(engine: TextToVideo, mode: str, args) -> float:
     """torch.compile the UNet in place; returns the seconds of the first (compiling) call."""
     engine.unet = torch.compile(engine.unet, mode=mode, dynamic=False)
     cell = engine.config.autoencoder.downsample
-    x = torch.randn(2, 4, 16, 256 // cell, 256 // cell, device=engine.device, dtype=engine.dtype)
+    x = torch.randn(2, 4, args.frames, args.size_px // cell, args.size_px // cell, device=engine.device,
+                    dtype=engine.dtype)
     context = torch.randn(2, 77, engine.config.unet.context_dim, device=engine.device, dtype=engine.dtype)
     t = torch.tensor([981, 981], device=engine.device)
     with torch.no_grad():
@@ -332,7 +333,7 @@ def main(argv=None):
         eager_unet = engine.unet
         for mode in filter(None, args.compile_modes.split(',')):
             engine.unet = eager_unet
-            results['compile_s'][mode] = compile_unet(engine, mode)
+            results['compile_s'][mode] = compile_unet(engine, mode, args)
             rows.append(bench_ours(engine, args, f'modelscope-t2v compiled ({mode})'))
             print(rows[-1]['label'], rows[-1]['end_to_end_s'], flush=True)
     if 'fp32' not in skip and device.type == 'cuda':
