@@ -39,7 +39,6 @@ import argparse
 import copy
 import gc
 import json
-import math
 import os
 import statistics
 import sys
@@ -366,12 +365,11 @@ def sdpa_bench(base, x, t, context, device) -> dict:
                 with sdpa_kernel([sdpa_backend(name)]):
                     F.scaled_dot_product_attention(q, k, v)
                     times[name] = time_ms(lambda: F.scaled_dot_product_attention(q, k, v), device, 40)[0]
-            except Exception as error:
+            except Exception:  # a backend that does not support this shape
                 times[name] = None
         flops = 4 * qs[0] * qs[1] * qs[2] * ks[2] * qs[3]
         rows.append({'q': qs, 'k': ks, 'q_stride': qst, 'count_base': counts['base'], 'count_kv': counts['kv'],
                      'gflop': flops / 1e9, 'ms': times})
-        del q, k, v
     totals = {}
     for tag in ('base', 'kv'):
         for name in SDPA_BACKENDS:
@@ -387,7 +385,7 @@ def sdpa_bench(base, x, t, context, device) -> dict:
 
 
 def print_sdpa(sdpa: dict) -> None:
-    print(f"\nSDPA per call shape (ms per call; counts per forward plain / with kv-once)")
+    print("\nSDPA per call shape (ms per call; counts per forward plain / with kv-once)")
     print(f"{'q (n,h,l,d)':24} {'k':22} {'base':>4} {'kv':>3} {'GFLOP':>7} " +
           ' '.join(f'{n:>9}' for n in SDPA_BACKENDS))
     for r in sdpa['rows']:
