@@ -28,7 +28,12 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--device', default='gpu',
                        help="'gpu' (CUDA when available, else CPU), 'cpu', 'cuda:1'... (default: %(default)s)")
     group.add_argument('--compile', action='store_true',
-                       help='torch.compile the UNet on CUDA: about 2 min once, then faster steps')
+                       help='torch.compile the UNet on CUDA: minutes once per process, then about 2x faster steps')
+    group.add_argument('--low-memory', action='store_true',
+                       help='keep the text encoder and autoencoder on the CPU between uses; decode frame by frame')
+    group.add_argument('--half-cache', action='store_true',
+                       help='load a half-precision safetensors copy of the weights (written on first use; '
+                            'folder: $MODELSCOPE_T2V_CACHE or ~/.cache/modelscope_t2v)')
 
 
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -86,7 +91,7 @@ def load_pipeline(args: argparse.Namespace):
 
     from .hub import resolve_model_dir
     model_dir = resolve_model_dir(args.model, args.hub)
-    options = {'compile_unet': True} if args.compile else {}
+    options = {'compile_unet': args.compile, 'low_memory': args.low_memory, 'half_cache': args.half_cache}
     return pipeline('text-to-video-synthesis', model_dir, device=args.device, **options)
 
 

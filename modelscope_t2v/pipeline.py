@@ -51,7 +51,9 @@ class TextToVideoModel(Model):
     def __init__(self, model_dir: str, *args, **kwargs):
         super().__init__(model_dir, *args, **kwargs)
         self.engine = TextToVideo.from_pretrained(model_dir, device=torch_device(kwargs.get('device')),
-                                                  compile=kwargs.get('compile_unet', False))
+                                                  compile=kwargs.get('compile_unet', False),
+                                                  low_memory=kwargs.get('low_memory', False),
+                                                  half_cache=kwargs.get('half_cache', False))
 
     def forward(self, request) -> GenerationResult:
         return self.engine(request)

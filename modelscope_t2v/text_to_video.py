@@ -6,6 +6,7 @@ the CLI and the demo call it through that pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from . import config as config_lib
 from . import tokenizer, video_io, weights
 from .models.autoencoder import AutoencoderKL
 from .models.text_encoder import OpenCLIPTextEncoder
+from .half_cache import HALF_DTYPES, load_networks_cached
 from .models.unet3d import UNet3D
 from .request import GenerationCancelled, GenerationRequest
 from .sampling import denoise, guided
@@ -31,6 +33,7 @@ logger = logging.getLogger(__name__)
 # Frames the autoencoder decodes at once on a GPU: bounds the decoder's activations
 # (about 120 MB a frame at 256x256 in half precision) at no measurable cost in speed.
 CUDA_DECODE_CHUNK_FRAMES = 4
+LOW_MEMORY_DECODE_CHUNK_FRAMES = 1
 
 
 @dataclass
@@ -53,28 +56,45 @@ class TextToVideo:
     """Prompt -> video with the original's networks and defaults."""
 
     def __init__(self, config: config_lib.ModelConfig, text_encoder: OpenCLIPTextEncoder,
-                 unet: UNet3D, autoencoder: AutoencoderKL, model_dir: str = '', device=None, dtype=None):
+                 unet: UNet3D, autoencoder: AutoencoderKL, model_dir: str = '', device=None, dtype=None,
+                 low_memory: bool = False):
         self.config = config
         self.model_dir = model_dir
         self.device, self.dtype = default_device_and_dtype(device, dtype)
-        self.text_encoder = text_encoder.eval().requires_grad_(False).to(self.device, self.dtype)
+        # low_memory: the text encoder and the autoencoder wait on the CPU, and visit the device for their stage
+        self.low_memory = low_memory
+        resting = torch.device('cpu') if low_memory else self.device
+        self.text_encoder = text_encoder.eval().requires_grad_(False).to(resting, self.dtype)
         self.unet = unet.eval().requires_grad_(False).to(self.device, self.dtype)
-        self.autoencoder = autoencoder.eval().requires_grad_(False).to(self.device, self.dtype)
+        self.autoencoder = autoencoder.eval().requires_grad_(False).to(resting, self.dtype)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str, device=None, dtype=None, compile: bool | str = False) -> 'TextToVideo':
+    def from_pretrained(cls, model_dir: str, device=None, dtype=None, compile: bool | str = False,
+                        low_memory: bool = False, half_cache: bool | str = False) -> 'TextToVideo':
         """Build the networks of `model_dir` from its files (strictly) onto the device.
 
         compile: False, True or a torch.compile mode ('default', 'reduce-overhead',
-        'max-autotune'); compiles the UNet on CUDA: about 2 minutes once per process,
-        then about 1.4x faster per step (docs/benchmarks.md).
+            'max-autotune'). On CUDA the UNet switches to channels-last with its
+            temporal convs as GEMMs and is compiled: minutes once per process
+            (less with inductor's on-disk cache warm), then about 2x faster per step.
+        low_memory: keep the text encoder and autoencoder on the CPU between their
+            uses and decode one frame at a time (docs/benchmarks.md: peak memory).
+        half_cache: True or a folder: read the weights from a float16/bfloat16
+            safetensors copy, written there on first use (half_cache.py).
         """
         config = config_lib.load(model_dir)
-        text_encoder, unet, autoencoder = weights.load_networks(model_dir, config)
-        engine = cls(config, text_encoder, unet, autoencoder, model_dir=model_dir, device=device, dtype=dtype)
+        device, dtype = default_device_and_dtype(device, dtype)
+        if half_cache and dtype in HALF_DTYPES:
+            cache_dir = None if half_cache is True else half_cache
+            networks = load_networks_cached(model_dir, config, dtype, cache_dir)
+        else:
+            if half_cache:
+                logger.warning('half_cache ignored: it holds float16/bfloat16 weights, and this run is %s', dtype)
+            networks = weights.load_networks(model_dir, config)
+        engine = cls(config, *networks, model_dir=model_dir, device=device, dtype=dtype, low_memory=low_memory)
         if compile and engine.device.type == 'cuda':
             mode = 'default' if compile is True else compile
-            engine.unet = torch.compile(engine.unet, mode=mode, dynamic=False)
+            engine.unet = torch.compile(engine.unet.to_channels_last(), mode=mode, dynamic=False)
         return engine
 
     @torch.no_grad()
@@ -87,7 +107,28 @@ class TextToVideo:
                 logger.warning('prompt of %d tokens truncated to the text encoder\'s %d: %r',
                                count, n, prompt)
         tokens = tokenizer.tokenize(list(prompts), context_length=n).to(self.device)
-        return self.text_encoder(tokens)
+        with self.on_device(self.text_encoder) as text_encoder:
+            return text_encoder(tokens)
+
+    @contextlib.contextmanager
+    def on_device(self, module: torch.nn.Module):
+        """`module` on the compute device inside the block; with low_memory, back on the CPU after it."""
+        if not self.low_memory or next(module.parameters()).device.type != 'cpu':
+            yield module  # resident: always without low_memory, or inside an enclosing block
+            return
+        module.to(self.device)
+        try:
+            yield module
+        finally:
+            module.to('cpu')
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, chunk_frames: Optional[int] = None) -> torch.Tensor:
+        """Latents (n, c, f, h/8, w/8) -> video (n, 3, f, h, w) in [-1, 1], `chunk_frames` frames at a time."""
+        if chunk_frames is None and self.device.type == 'cuda':
+            chunk_frames = LOW_MEMORY_DECODE_CHUNK_FRAMES if self.low_memory else CUDA_DECODE_CHUNK_FRAMES
+        with self.on_device(self.autoencoder) as autoencoder:
+            return autoencoder.decode_video(latents, chunk_frames)
 
     def initial_noise(self, request: GenerationRequest) -> torch.Tensor:
         """Unit Gaussian latents (n, c, f, h/8, w/8), drawn on the CPU as the original does.
@@ -114,9 +155,10 @@ class TextToVideo:
         negatives = [p for p in request.negative_prompts for _ in range(per_video)]
 
         # 2. encode text (the unconditional branch only when guidance is on)
-        context = self.encode_text(prompts).to(self.dtype)
-        guidance_on = request.guidance_scale > 1.0
-        uncond = self.encode_text(negatives).to(self.dtype) if guidance_on else None
+        with self.on_device(self.text_encoder):
+            context = self.encode_text(prompts).to(self.dtype)
+            guidance_on = request.guidance_scale > 1.0
+            uncond = self.encode_text(negatives).to(self.dtype) if guidance_on else None
 
         # 3. prepare noise, on the CPU from the seeds, then moved
         noise = self.initial_noise(request).to(self.device, self.dtype)
@@ -134,9 +176,7 @@ class TextToVideo:
             return GenerationResult(parameters=parameters, latents=latents.float().cpu())
 
         # 5. decode to uint8 frames (n, f, h, w, 3)
-        chunk = request.decode_chunk_frames or (CUDA_DECODE_CHUNK_FRAMES if self.device.type == 'cuda' else None)
-        video = self.autoencoder.decode_video(latents, chunk)
-        frames = list(to_uint8_frames(video))
+        frames = list(to_uint8_frames(self.decode(latents, request.decode_chunk_frames)))
         if request.output_type == 'frames':
             return GenerationResult(parameters=parameters, frames=frames)
 

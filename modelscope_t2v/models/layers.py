@@ -80,7 +80,12 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, frames: int = 1) -> torch.Tensor:
+        # x: ((b f), l, dim); context: (b, m, context_dim), one text per video of `frames` frames
         x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
+        if context is None:
+            x = self.attn2(self.norm2(x)) + x
+        else:  # the queries of all frames of a video meet its text at once: keys and values once per video
+            q = rearrange(self.norm2(x), '(b f) l c -> b (f l) c', f=frames)
+            x = rearrange(self.attn2(q, context), 'b (f l) c -> (b f) l c', f=frames) + x
         return self.ff(self.norm3(x)) + x

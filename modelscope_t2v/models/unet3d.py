@@ -9,12 +9,14 @@ Parameter names equal the original checkpoint keys (including its spelling
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import UNetConfig
 from .layers import TransformerBlock, timestep_embedding
@@ -24,7 +26,7 @@ from .layers import TransformerBlock, timestep_embedding
 class Conditioning:
     """What every layer may need beside its input."""
     emb: torch.Tensor       # (b f, embed_dim) timestep embedding, one row per frame
-    context: torch.Tensor   # (b f, 77, context_dim) text embedding, one per frame
+    context: torch.Tensor   # (b, 77, context_dim) text embedding, one per video
     frames: int             # f, to unfold (b f) for temporal layers
 
 
@@ -35,8 +37,41 @@ class InputConv(nn.Conv2d):
         return super().forward(x)
 
 
+def frame_conv_as_gemm(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
+    """conv(x) for a (3, 1, 1) Conv3d with padding (1, 0, 0), as one matrix product.
+
+    x: (b, c, f, h, w), fastest in channels-last memory (b f h w c), where the
+    product reads it without a copy. Row k*co + o of the weight applies tap k
+    of output channel o, so frame t sums tap 0 of frame t-1, tap 1 of frame t
+    and tap 2 of frame t+1 (zeros past the ends, as the padding gives).
+    """
+    b, c, f, h, w = x.shape
+    co = conv.out_channels
+    taps = F.linear(x.permute(0, 2, 3, 4, 1), frame_major_weight(conv))     # (b, f, h, w, 3 co)
+    taps = taps.unflatten(-1, (3, co))                                       # (b, f, h, w, 3, co)
+    out = taps[..., 1, :] + conv.bias
+    out = out + F.pad(taps[:, :-1, ..., 0, :], (0, 0, 0, 0, 0, 0, 1, 0))   # from frame t-1
+    out = out + F.pad(taps[:, 1:, ..., 2, :], (0, 0, 0, 0, 0, 0, 0, 1))    # from frame t+1
+    return out.permute(0, 4, 1, 2, 3)                                        # (b, co, f, h, w)
+
+
+def frame_major_weight(conv: nn.Conv3d) -> torch.Tensor:
+    """The (co, ci, 3, 1, 1) weight as (3 co, ci): a view once `store_frame_major` has run."""
+    return conv.weight.permute(2, 0, 1, 3, 4).reshape(3 * conv.out_channels, conv.in_channels)
+
+
+def store_frame_major(conv: nn.Conv3d) -> None:
+    """Keep the weight's shape and key but store its taps first, so the GEMM reads it in place."""
+    frame_major = conv.weight.data.permute(2, 0, 1, 3, 4).contiguous()     # (3, co, ci, 1, 1)
+    conv.weight.data = frame_major.permute(1, 2, 0, 3, 4)                  # (co, ci, 3, 1, 1) view
+
+
 class TemporalConv(nn.Module):
-    """Four (GroupNorm, SiLU, 3x1x1 conv) stages along frames, residual."""
+    """Four (GroupNorm, SiLU, 3x1x1 conv) stages along frames, residual.
+
+    With `as_gemm` (set by UNet3D.to_channels_last) each conv runs as one GEMM.
+    """
+    as_gemm = False
 
     def __init__(self, dim: int):
         super().__init__()
@@ -53,7 +88,12 @@ class TemporalConv(nn.Module):
 
     def forward(self, x):
         # x: (b, c, f, h, w)
-        return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
+        if not self.as_gemm:
+            return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
+        h = x
+        for stage in (self.conv1, self.conv2, self.conv3, self.conv4):
+            h = frame_conv_as_gemm(stage[:-1](h), stage[-1])
+        return x + h
 
 
 class ResBlock(nn.Module):
@@ -95,7 +135,7 @@ class SpatialTransformer(nn.Module):
         h, w = x.shape[-2:]
         y = self.proj_in(rearrange(self.norm(x), 'n c h w -> n (h w) c'))
         for block in self.transformer_blocks:
-            y = block(y, cond.context)
+            y = block(y, cond.context, cond.frames)
         return x + rearrange(self.proj_out(y), 'n (h w) c -> n c h w', h=h, w=w)
 
 
@@ -116,10 +156,22 @@ class TemporalTransformer(nn.Module):
         video = rearrange(x, '(b f) c h w -> b c f h w', f=cond.frames)
         y = rearrange(self.norm(video), 'b c f h w -> (b h w) f c')
         y = F.linear(y, self.proj_in.weight[..., 0], self.proj_in.bias)
-        for block in self.transformer_blocks:
-            y = block(y)
+        with short_sequence_attention(y):
+            for block in self.transformer_blocks:
+                y = block(y)
         y = F.linear(y, self.proj_out.weight[..., 0], self.proj_out.bias)
         return x + rearrange(y, '(b h w) f c -> (b f) c h w', h=h, w=w)
+
+
+def short_sequence_attention(x: torch.Tensor):
+    """On CUDA, attention over a few frames per pixel runs fastest on the memory-efficient kernel.
+
+    Measured on an H200 (bench/NOTES.md): a third faster than the cuDNN kernel
+    torch picks, which suits the long spatial sequences better. Elsewhere a no-op.
+    """
+    if not x.is_cuda:
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
 
 
 class Downsample(nn.Module):
@@ -160,6 +212,7 @@ class UNetBlock(nn.ModuleList):
 
 class UNet3D(nn.Module):
     """eps = UNet3D(x_t, t, text): (b, c, f, h, w) -> (b, c, f, h, w)."""
+    channels_last = False   # set by to_channels_last()
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -214,13 +267,30 @@ class UNet3D(nn.Module):
 
         self.out = nn.Sequential(nn.GroupNorm(32, width), nn.SiLU(), nn.Conv2d(width, config.out_dim, 3, padding=1))
 
+    def to_channels_last(self) -> 'UNet3D':
+        """Run on channels-last activations, each temporal conv as one GEMM; keys and values unchanged.
+
+        Pays under torch.compile on a GPU, where no layout conversion is left
+        around the convolutions (bench/NOTES.md); eager it launches more kernels.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+            if isinstance(module, TemporalConv):
+                module.as_gemm = True
+                for stage in (module.conv1, module.conv2, module.conv3, module.conv4):
+                    store_frame_major(stage[-1])
+        self.channels_last = True
+        return self
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # x: (b, c, f, h, w) noisy latents; t: (b,) diffusion times; context: (b, 77, context_dim)
         frames = x.shape[2]
         emb = self.time_embed(timestep_embedding(t, self.config.dim).to(x.dtype))
-        cond = Conditioning(emb=emb.repeat_interleave(frames, dim=0),
-                            context=context.repeat_interleave(frames, dim=0), frames=frames)
+        cond = Conditioning(emb=emb.repeat_interleave(frames, dim=0), context=context, frames=frames)
         h = rearrange(x, 'b c f h w -> (b f) c h w')
+        if self.channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
         skips = []
         for block in self.input_blocks:
             h = block(h, cond)
@@ -229,4 +299,4 @@ class UNet3D(nn.Module):
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, cond, size=skips[-1].shape[-2:] if skips else None)
-        return rearrange(self.out(h), '(b f) c h w -> b c f h w', f=frames)
+        return rearrange(self.out(h), '(b f) c h w -> b c f h w', f=frames).contiguous()

@@ -1,0 +1,68 @@
+"""Timing, peak memory, FLOP counting and image comparison for the benchmarks."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn):
+    """(result, seconds) of fn(), the device synchronised on both sides."""
+    sync()
+    start = time.perf_counter()
+    result = fn()
+    sync()
+    return result, time.perf_counter() - start
+
+
+def median_time(fn, runs: int) -> float:
+    return statistics.median(timed(fn)[1] for _ in range(runs))
+
+
+def peak_gib(fn) -> dict:
+    """Peak allocated and reserved GPU memory while fn runs, in GiB."""
+    if not torch.cuda.is_available():
+        return {'allocated': None, 'reserved': None}
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    sync()
+    return {'allocated': torch.cuda.max_memory_allocated() / 2 ** 30,
+            'reserved': torch.cuda.max_memory_reserved() / 2 ** 30}
+
+
+def matmul_ceiling(device, dtype=torch.float16) -> float:
+    """Measured TFLOP/s of a large matrix product: the arithmetic ceiling."""
+    n = 8192 if device.type == 'cuda' else 512
+    dtype = dtype if device.type == 'cuda' else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    return 2 * n ** 3 / median_time(lambda: a @ b, 10) / 1e12
+
+
+def count_flops(engine, frames: int, size: int) -> dict:
+    """TFLOP of one UNet forward (batch 1) and one decode of `frames` frames."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cell = engine.config.autoencoder.downsample
+    x = torch.randn(1, 4, frames, size // cell, size // cell, device=engine.device, dtype=engine.dtype)
+    context = torch.randn(1, 77, engine.config.unet.context_dim, device=engine.device, dtype=engine.dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as unet_counter:
+        engine.unet(x, torch.tensor([500], device=engine.device), context)
+    with torch.no_grad(), FlopCounterMode(display=False) as vae_counter:
+        engine.decode(x)
+    return {'unet_forward': unet_counter.get_total_flops() / 1e12,
+            'decode': vae_counter.get_total_flops() / 1e12}
+
+
+def psnr(a, b) -> float:
+    mse = ((a.astype('float64') - b.astype('float64')) ** 2).mean()
+    return float('inf') if mse == 0 else float(10 * torch.log10(torch.tensor(255.0 ** 2 / mse)))

@@ -1,0 +1,152 @@
+"""A half-precision safetensors cache of a model dir's three networks, for start-up in seconds.
+
+The originals are float32 pickles (text2video_pytorch_model.pth 5.6 GB, open_clip_pytorch_model.bin
+3.9 GB of which only the text tower is used, VQGAN_autoencoder.pth a whole training checkpoint).
+Reading them means unzipping and unpickling, then converting every tensor to half precision on its
+way to the GPU. The cache holds, once converted, exactly the keys each network loads: half the bytes
+(3.5 GB for the real shapes, against 7.4 GB of float32 actually read), no unpickling (a JSON header
+and raw tensors), and `safetensors` memory-maps the file, so the tensors are not copied on the CPU:
+the pages go from the page cache into the copy to the GPU. A cold start is then bound by the disk.
+
+Layout: `<root>/<model dir name>-<dtype>-<16 hex digits>/{text_encoder,unet,autoencoder}.safetensors`,
+root `cache_dir`, else `$MODELSCOPE_T2V_CACHE`, else `~/.cache/modelscope_t2v`. The digits hash
+everything the files depend on (see `_cache_folder`), so a changed source file or configuration
+gets a new folder; the old one is left behind, never read again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import tempfile
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import weights
+from .config import CONFIG_FILE, ModelConfig
+from .models.autoencoder import AutoencoderKL
+from .models.text_encoder import OpenCLIPTextEncoder
+from .models.unet3d import UNet3D
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1            # bump when what the files hold changes: old caches are then ignored
+CACHE_ENV = 'MODELSCOPE_T2V_CACHE'
+DEFAULT_CACHE_ROOT = os.path.join('~', '.cache', 'modelscope_t2v')
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+NETWORK_FILES = ('text_encoder.safetensors', 'unet.safetensors', 'autoencoder.safetensors')  # load_networks' order
+
+
+def load_networks_cached(model_dir: str, config: ModelConfig, dtype: torch.dtype, cache_dir: str | None = None):
+    """(text encoder, UNet, autoencoder) in `dtype` on the CPU, from a safetensors cache of the model dir's weights;
+    built from the originals (weights.load_networks) and written on the first call."""
+    if dtype not in HALF_DTYPES:
+        raise ValueError(f'dtype={dtype} cannot be cached: the weight cache holds one of '
+                         f'{[str(d) for d in HALF_DTYPES]}; load float32 with weights.load_networks')
+    folder = _cache_folder(model_dir, config, dtype, cache_dir)
+    if os.path.isdir(folder):
+        networks = _read(folder, config)
+        if networks is not None:
+            logger.info('weights of %s read from the %s cache %s', model_dir, dtype, folder)
+            return tuple(net.to(dtype) for net in networks)  # a no-op: the files hold `dtype`
+    logger.info('converting the weights of %s to %s (once); caching them in %s', model_dir, dtype, folder)
+    networks = tuple(net.to(dtype) for net in weights.load_networks(model_dir, config))
+    _write(folder, networks, model_dir)
+    return networks
+
+
+def _cache_folder(model_dir: str, config: ModelConfig, dtype: torch.dtype, cache_dir: str | None) -> str:
+    """`<root>/<model dir name>-<dtype>-<hash>`; the hash covers all that the cached tensors depend on."""
+    root = os.path.expanduser(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_ROOT)
+    model_dir = os.path.abspath(model_dir)
+    sources = (config.ckpt_clip, config.ckpt_unet, config.ckpt_autoencoder)
+    key = {
+        'format': FORMAT_VERSION,
+        'model_dir': model_dir,
+        # (size, mtime in ns) per source file: rewriting or touching one invalidates the cache
+        'sources': {name: _stamp(os.path.join(model_dir, name)) for name in sources},
+        'configuration.json': _file_digest(os.path.join(model_dir, CONFIG_FILE)),
+        'config': repr(config),  # the shapes built; differs from the file's only if a caller changed it
+        'dtype': str(dtype),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    name = re.sub(r'[^A-Za-z0-9._-]', '_', os.path.basename(model_dir.rstrip(os.sep)))[:40]
+    return os.path.join(root, f'{name}-{str(dtype).removeprefix("torch.")}-{digest}')
+
+
+def _stamp(path: str):
+    """(size, mtime_ns), or None for a missing file (weights.load_networks then says which)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _file_digest(path: str) -> str | None:
+    try:
+        with open(path, 'rb') as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def _read(folder: str, config: ModelConfig):
+    """The three networks holding the folder's memory-mapped tensors, or None (folder deleted) if unusable."""
+    with torch.device('meta'):  # no random initialisation: the files supply every tensor
+        networks = (OpenCLIPTextEncoder(config.text), UNet3D(config.unet), AutoencoderKL(config.autoencoder))
+    try:
+        for net, file in zip(networks, NETWORK_FILES):
+            path = os.path.join(folder, file)
+            weights.load_strict(net, load_file(path, device='cpu'), path)
+    except (OSError, SafetensorError, weights.CheckpointError) as error:
+        # truncated (e.g. the disk filled after the rename), deleted, or not these networks
+        logger.warning('weight cache %s is unusable (%s); deleting it and rebuilding from the originals',
+                       folder, error)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return networks
+
+
+def _write(folder: str, networks, model_dir: str) -> None:
+    """Write the networks' state dicts into a temporary sibling, then rename it to `folder` atomically.
+
+    Failure only logs: the cache is an optimisation, and the caller already holds the networks.
+    """
+    root = os.path.dirname(folder)
+    temp = None
+    try:
+        # as readable as the model dir, no more: mkdtemp and save_file alone give 0o700 and 0o600,
+        # which would hide a shared cache from every other user
+        mode = stat.S_IMODE(os.stat(model_dir).st_mode) & 0o777
+        os.makedirs(root, exist_ok=True)
+        temp = tempfile.mkdtemp(prefix=f'.{os.path.basename(folder)}.tmp-', dir=root)
+        for net, file in zip(networks, NETWORK_FILES):
+            path = os.path.join(temp, file)
+            # only the keys the network loads; safetensors wants contiguous tensors
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+            os.chmod(path, mode & 0o666)
+            _fsync(path)  # data on disk before the rename makes it visible
+        os.chmod(temp, mode)
+        os.rename(temp, folder)  # atomic; refused when a concurrent writer's folder is already there
+    except (OSError, SafetensorError) as error:
+        if os.path.isdir(folder) and temp is not None:
+            logger.debug('weight cache %s was written meanwhile by another process; ours discarded', folder)
+        else:
+            logger.warning('could not write the weight cache %s (%s); the networks come from the originals '
+                           'and the next start converts them again', folder, error)
+    finally:
+        if temp is not None and os.path.isdir(temp):
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def _fsync(path: str) -> None:
+    with open(path, 'rb') as f:
+        os.fsync(f.fileno())

@@ -1,0 +1,208 @@
+"""half_cache.py: written once, then read bit for bit; invalidation, atomicity, failures that only log."""
+
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+
+from modelscope_t2v import config as config_lib
+from modelscope_t2v import half_cache, weights
+from modelscope_t2v.half_cache import load_networks_cached
+
+FILES = ['autoencoder.safetensors', 'text_encoder.safetensors', 'unet.safetensors']
+BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16}  # view as integers: compare bits, not values
+
+
+@pytest.fixture(scope='module')
+def config(tiny_model_dir):
+    return config_lib.load(tiny_model_dir)
+
+
+@pytest.fixture(scope='module')
+def originals(tiny_model_dir, config):
+    """The float32 networks read from the original files."""
+    return weights.load_networks(tiny_model_dir, config)
+
+
+@pytest.fixture
+def model_dir(tiny_model_dir, tmp_path):
+    """A private copy of the tiny model dir, for tests that change its files."""
+    return shutil.copytree(tiny_model_dir, tmp_path / 'model')
+
+
+@pytest.fixture
+def count_builds(monkeypatch):
+    """Counts the calls of weights.load_networks (reads of the originals)."""
+    calls = []
+    real = weights.load_networks
+
+    def counted(*args):
+        calls.append(args)
+        return real(*args)
+    monkeypatch.setattr(weights, 'load_networks', counted)
+    return calls
+
+
+def _forbid_builds(monkeypatch):
+    def refuse(*args):
+        raise AssertionError('read the original files although the cache should have served')
+    monkeypatch.setattr(weights, 'load_networks', refuse)
+
+
+def _assert_converted(networks, originals, dtype) -> int:
+    """Every parameter and buffer equals, bit for bit, the float32 original's `.to(dtype)`; returns the count."""
+    compared = 0
+    for net, original in zip(networks, originals):
+        got = dict(net.named_parameters()) | dict(net.named_buffers())
+        want = dict(original.named_parameters()) | dict(original.named_buffers())
+        assert sorted(got) == sorted(want), type(net).__name__
+        for name, tensor in want.items():
+            assert got[name].dtype == dtype and got[name].device.type == 'cpu', (name, got[name].dtype)
+            expected = tensor.detach().to(dtype)
+            assert torch.equal(got[name].detach().view(BITS[dtype]), expected.view(BITS[dtype])), name
+            compared += 1
+    return compared
+
+
+def _folders(root) -> list:
+    return sorted(os.listdir(root))
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_first_call_writes_three_files_second_call_reads_them(tiny_model_dir, config, originals, tmp_path,
+                                                            monkeypatch, count_builds, dtype):
+    first = load_networks_cached(tiny_model_dir, config, dtype, cache_dir=str(tmp_path))
+    assert len(count_builds) == 1
+    [folder] = _folders(tmp_path)  # no temporary folder left beside it
+    assert folder.startswith('tiny-original') and str(dtype).split('.')[1] in folder
+    assert sorted(os.listdir(tmp_path / folder)) == FILES
+    n = sum(len(net.state_dict()) for net in originals)  # 28 + 622 + 176 tensors in the tiny model
+    assert _assert_converted(first, originals, dtype) == n
+
+    _forbid_builds(monkeypatch)
+    second = load_networks_cached(tiny_model_dir, config, dtype, cache_dir=str(tmp_path))
+    assert _assert_converted(second, originals, dtype) == n
+    assert [type(net) for net in second] == [type(net) for net in originals]
+    assert _folders(tmp_path) == [folder]
+
+
+def test_files_hold_only_the_networks_keys(tiny_model_dir, config, originals, tmp_path):
+    from safetensors import safe_open
+    load_networks_cached(tiny_model_dir, config, torch.float16, cache_dir=str(tmp_path))
+    [folder] = _folders(tmp_path)
+    for file, original in zip(['text_encoder.safetensors', 'unet.safetensors', 'autoencoder.safetensors'], originals):
+        with safe_open(str(tmp_path / folder / file), framework='pt') as f:
+            keys = sorted(f.keys())
+        assert keys == sorted(original.state_dict()), file  # no last text block, no first_stage_model. prefix
+    size = sum(os.path.getsize(tmp_path / folder / f) for f in FILES)
+    n_values = sum(t.numel() for net in originals for t in net.state_dict().values())
+    assert 2 * n_values < size < 2 * n_values + 200_000  # 2 bytes a value plus the JSON headers
+
+
+def test_touching_a_source_file_gives_a_new_folder_and_a_rebuild(model_dir, config, tmp_path, count_builds):
+    cache = tmp_path / 'cache'
+    load_networks_cached(str(model_dir), config, torch.float16, cache_dir=str(cache))
+    [old] = _folders(cache)
+
+    # rewrite the UNet with one tensor doubled, then give it a new mtime
+    unet_path = model_dir / config.ckpt_unet
+    state = torch.load(unet_path, weights_only=True)
+    name = next(iter(state))
+    state[name] = state[name] * 2
+    torch.save(state, unet_path)
+    stat = os.stat(unet_path)
+    os.utime(unet_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+    networks = load_networks_cached(str(model_dir), config, torch.float16, cache_dir=str(cache))
+    assert len(count_builds) == 2
+    assert len(_folders(cache)) == 2 and old in _folders(cache)
+    assert torch.equal(networks[1].state_dict()[name], state[name].to(torch.float16))
+
+    os.utime(unet_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2_000_000_000))  # a touch alone
+    load_networks_cached(str(model_dir), config, torch.float16, cache_dir=str(cache))
+    assert len(count_builds) == 3 and len(_folders(cache)) == 3
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.int8])
+def test_a_dtype_other_than_half_is_refused(tiny_model_dir, config, tmp_path, dtype):
+    with pytest.raises(ValueError, match=rf"{dtype}.*torch.float16.*torch.bfloat16"):
+        load_networks_cached(tiny_model_dir, config, dtype, cache_dir=str(tmp_path / 'cache'))
+    assert not (tmp_path / 'cache').exists()
+
+
+def test_unwritable_cache_dir_warns_and_still_returns_the_networks(tiny_model_dir, config, originals, tmp_path,
+                                                                   caplog):
+    (tmp_path / 'a_file').write_text('not a folder')
+    cache = tmp_path / 'a_file' / 'cache'  # cannot be created: its parent is a regular file
+    with caplog.at_level(logging.WARNING, logger=half_cache.__name__):
+        networks = load_networks_cached(tiny_model_dir, config, torch.float16, cache_dir=str(cache))
+    assert _assert_converted(networks, originals, torch.float16) == sum(len(n.state_dict()) for n in originals)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and 'could not write the weight cache' in warnings[0].getMessage()
+    assert _folders(tmp_path) == ['a_file']
+
+
+def test_a_corrupt_cache_file_is_detected_and_rebuilt(tiny_model_dir, config, originals, tmp_path, monkeypatch,
+                                                      count_builds, caplog):
+    load_networks_cached(tiny_model_dir, config, torch.float16, cache_dir=str(tmp_path))
+    [folder] = _folders(tmp_path)
+    unet_file = tmp_path / folder / 'unet.safetensors'
+    size = unet_file.stat().st_size
+    with open(unet_file, 'r+b') as f:
+        f.truncate(size // 2)
+
+    with caplog.at_level(logging.WARNING, logger=half_cache.__name__):
+        networks = load_networks_cached(tiny_model_dir, config, torch.float16, cache_dir=str(tmp_path))
+    assert len(count_builds) == 2
+    assert sum('is unusable' in r.getMessage() for r in caplog.records) == 1
+    n = sum(len(net.state_dict()) for net in originals)
+    assert _assert_converted(networks, originals, torch.float16) == n
+    assert _folders(tmp_path) == [folder] and unet_file.stat().st_size == size  # rewritten whole
+
+    _forbid_builds(monkeypatch)
+    again = load_networks_cached(tiny_model_dir, config, torch.float16, cache_dir=str(tmp_path))
+    assert _assert_converted(again, originals, torch.float16) == n
+
+
+def test_a_concurrent_writer_s_folder_wins(tiny_model_dir, config, originals, tmp_path, monkeypatch):
+    """A folder that appears while we write is kept; ours is discarded, no temporary folder remains."""
+    real_rename = os.rename
+
+    def rename_after_another_writer(src, dst):
+        os.makedirs(dst)
+        (open(os.path.join(dst, 'theirs'), 'w')).close()  # non-empty: the rename is refused
+        return real_rename(src, dst)
+    monkeypatch.setattr(half_cache.os, 'rename', rename_after_another_writer)
+    networks = load_networks_cached(tiny_model_dir, config, torch.float16, cache_dir=str(tmp_path))
+    assert _assert_converted(networks, originals, torch.float16) == sum(len(n.state_dict()) for n in originals)
+    [folder] = _folders(tmp_path)
+    assert os.listdir(tmp_path / folder) == ['theirs']
+
+
+def test_cache_root_from_the_environment_then_home(tiny_model_dir, config, tmp_path, monkeypatch):
+    monkeypatch.setenv(half_cache.CACHE_ENV, str(tmp_path / 'env'))
+    load_networks_cached(tiny_model_dir, config, torch.float16)
+    [folder] = _folders(tmp_path / 'env')
+    assert sorted(os.listdir(tmp_path / 'env' / folder)) == FILES
+
+    monkeypatch.delenv(half_cache.CACHE_ENV)
+    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    load_networks_cached(tiny_model_dir, config, torch.float16)
+    assert _folders(tmp_path / 'home' / '.cache' / 'modelscope_t2v') == [folder]  # same key, other root
+
+    monkeypatch.setenv(half_cache.CACHE_ENV, str(tmp_path / 'env2'))
+    load_networks_cached(tiny_model_dir, config, torch.float16, cache_dir=str(tmp_path / 'given'))
+    assert _folders(tmp_path / 'given') == [folder]  # an argument beats the environment
+    assert not (tmp_path / 'env2').exists()
+
+
+@pytest.mark.parametrize('dir_mode', [0o755, 0o700])
+def test_cache_is_as_readable_as_the_model_dir(model_dir, config, tmp_path, dir_mode):
+    """safetensors writes 0o600 and mkdtemp 0o700; the cache takes the model dir's mode instead."""
+    os.chmod(model_dir, dir_mode)
+    load_networks_cached(str(model_dir), config, torch.float16, cache_dir=str(tmp_path / 'cache'))
+    [folder] = _folders(tmp_path / 'cache')
+    assert os.stat(tmp_path / 'cache' / folder).st_mode & 0o777 == dir_mode
+    assert {os.stat(tmp_path / 'cache' / folder / f).st_mode & 0o777 for f in FILES} == {dir_mode & 0o666}
