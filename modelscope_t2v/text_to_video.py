@@ -76,7 +76,7 @@ class TextToVideo:
         compile: False, True or a torch.compile mode ('default', 'reduce-overhead',
             'max-autotune'). On CUDA the UNet switches to channels-last with its
             temporal convs as GEMMs and is compiled: minutes once per process
-            (less with inductor's on-disk cache warm), then about 2x faster per step.
+            (less with inductor's on-disk cache warm), then about 1.7x faster per step.
         low_memory: keep the text encoder and autoencoder on the CPU between their
             uses and decode one frame at a time (docs/benchmarks.md: peak memory).
         half_cache: True or a folder: read the weights from a float16/bfloat16

@@ -4,10 +4,13 @@ The CUDA-graph replay cannot run here; what the CPU can check is that the
 rewritten arithmetic and the compiled graph compute what the plain path does.
 """
 
+import collections
 import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from modelscope_t2v.config import TINY
 from modelscope_t2v.models.unet3d import TemporalConv, UNet3D, frame_conv_as_gemm, frame_major_weight
@@ -65,6 +68,26 @@ def test_channels_last_unet_equals_plain(frames, size):
     print(f'channels-last UNet3D, {frames} frames {size}x{size}: worst relative error {err:.2e}')
     assert got.is_contiguous()
     assert err < TOLERANCE
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_every_linear_map_is_one_matrix_product(monkeypatch, channels_last):
+    """No batched product of tiny matrices with a broadcast weight in the UNet's graph.
+
+    torch.matmul picks one for permuted token views: on an H200 that took 18 ms of a
+    53 ms step (docs/benchmarks.md). Which inputs are permuted depends on the layout
+    GroupNorm returns (CUDA's returns NC... contiguous, so the test does the same) and on
+    whether weights require grad (the engine's do not).
+    """
+    group_norm = F.group_norm
+    monkeypatch.setattr(F, 'group_norm', lambda *args, **kwargs: group_norm(*args, **kwargs).contiguous())
+    plain, fast = _models()
+    x, t, context = _inputs(frames=4, size=8)
+    graph = make_fx((fast if channels_last else plain).requires_grad_(False))(x, t, context)
+    ops = collections.Counter(node.target for node in graph.graph.nodes if node.op == 'call_function')
+    print('matrix products:', {str(op): n for op, n in ops.items() if 'mm' in str(op)})
+    assert ops[torch.ops.aten.mm.default] + ops[torch.ops.aten.addmm.default] > 100
+    assert ops[torch.ops.aten.bmm.default] == 0
 
 
 @pytest.mark.slow

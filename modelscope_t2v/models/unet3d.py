@@ -37,6 +37,17 @@ class InputConv(nn.Conv2d):
         return super().forward(x)
 
 
+def linear_as_one_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear over x's last dim as one matrix product on (rows, c).
+
+    On a permuted x (tokens taken from a NCHW or channels-last feature map)
+    torch.matmul may instead run a batched product of many tiny matrices with
+    the weight broadcast: measured 18 ms of a 53 ms step on an H200. Reshaping
+    first costs at most one copy, which torch.compile fuses into the producer.
+    """
+    return F.linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], -1)
+
+
 def frame_conv_as_gemm(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
     """conv(x) for a (3, 1, 1) Conv3d with padding (1, 0, 0), as one matrix product.
 
@@ -47,7 +58,7 @@ def frame_conv_as_gemm(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
     """
     b, c, f, h, w = x.shape
     co = conv.out_channels
-    taps = F.linear(x.permute(0, 2, 3, 4, 1), frame_major_weight(conv))     # (b, f, h, w, 3 co)
+    taps = linear_as_one_gemm(x.permute(0, 2, 3, 4, 1), frame_major_weight(conv))  # (b, f, h, w, 3 co)
     taps = taps.unflatten(-1, (3, co))                                       # (b, f, h, w, 3, co)
     out = taps[..., 1, :] + conv.bias
     out = out + F.pad(taps[:, :-1, ..., 0, :], (0, 0, 0, 0, 0, 0, 1, 0))   # from frame t-1
@@ -133,7 +144,8 @@ class SpatialTransformer(nn.Module):
     def forward(self, x, cond: Conditioning):
         # x: ((b f), c, h, w) -> tokens ((b f), h w, c)
         h, w = x.shape[-2:]
-        y = self.proj_in(rearrange(self.norm(x), 'n c h w -> n (h w) c'))
+        tokens = rearrange(self.norm(x), 'n c h w -> n (h w) c')
+        y = linear_as_one_gemm(tokens, self.proj_in.weight, self.proj_in.bias)
         for block in self.transformer_blocks:
             y = block(y, cond.context, cond.frames)
         return x + rearrange(self.proj_out(y), 'n (h w) c -> n c h w', h=h, w=w)
@@ -155,7 +167,7 @@ class TemporalTransformer(nn.Module):
         h, w = x.shape[-2:]
         video = rearrange(x, '(b f) c h w -> b c f h w', f=cond.frames)
         y = rearrange(self.norm(video), 'b c f h w -> (b h w) f c')
-        y = F.linear(y, self.proj_in.weight[..., 0], self.proj_in.bias)
+        y = linear_as_one_gemm(y, self.proj_in.weight[..., 0], self.proj_in.bias)
         with short_sequence_attention(y):
             for block in self.transformer_blocks:
                 y = block(y)
