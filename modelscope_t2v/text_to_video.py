@@ -20,9 +20,9 @@ from einops import rearrange
 
 from . import config as config_lib
 from . import tokenizer, video_io, weights
+from .half_cache import HALF_DTYPES, load_networks_cached
 from .models.autoencoder import AutoencoderKL
 from .models.text_encoder import OpenCLIPTextEncoder
-from .half_cache import HALF_DTYPES, load_networks_cached
 from .models.unet3d import UNet3D
 from .request import GenerationCancelled, GenerationRequest
 from .sampling import denoise, guided
