@@ -12,6 +12,7 @@ import sys
 import time
 
 import torch
+from measure import sync, timed
 
 import modelscope_t2v.models.unet3d as unet3d
 from modelscope_t2v.config import FULL, TINY
@@ -33,18 +34,9 @@ x2, t2, c2 = torch.cat([x, x]), torch.full((2,), 981, device=dev), torch.cat([un
 START = time.perf_counter()
 
 
-def sync():
-    if dev == 'cuda':
-        torch.cuda.synchronize()
-
-
 def wall(fn, n):
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / n
+    """Mean seconds per call over n back-to-back calls."""
+    return timed(lambda: [fn() for _ in range(n)])[1] / n
 
 
 def report(name, model):

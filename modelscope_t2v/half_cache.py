@@ -55,7 +55,7 @@ def load_networks_cached(model_dir: str, config: ModelConfig, dtype: torch.dtype
         networks = _read(folder, config)
         if networks is not None:
             logger.info('weights of %s read from the %s cache %s', model_dir, dtype, folder)
-            return tuple(net.to(dtype) for net in networks)  # a no-op: the files hold `dtype`
+            return networks  # the files hold `dtype`
     logger.info('converting the weights of %s to %s (once); caching them in %s', model_dir, dtype, folder)
     networks = tuple(net.to(dtype) for net in weights.load_networks(model_dir, config))
     _write(folder, networks, model_dir)
@@ -84,10 +84,10 @@ def _cache_folder(model_dir: str, config: ModelConfig, dtype: torch.dtype, cache
 def _stamp(path: str):
     """(size, mtime_ns), or None for a missing file (weights.load_networks then says which)."""
     try:
-        stat = os.stat(path)
+        info = os.stat(path)
     except OSError:
         return None
-    return stat.st_size, stat.st_mtime_ns
+    return info.st_size, info.st_mtime_ns
 
 
 def _file_digest(path: str) -> str | None:
