@@ -36,7 +36,9 @@ def denoise(model_fn: ModelFn, noise: torch.Tensor, context: torch.Tensor, sched
             num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None,
             callback: Optional[StepCallback] = None, progress: Callable = iter) -> torch.Tensor:
     """Run the reverse diffusion from `noise` (b c f h w, unit variance) to clean latents."""
-    scheduler.set_timesteps(num_steps, device=noise.device)
+    # Timesteps stay on the CPU, as the scheduler's tables do: reading one then
+    # costs no GPU sync, so the host queues the next step while the GPU runs this one.
+    scheduler.set_timesteps(num_steps)
     x = noise * scheduler.init_noise_sigma
     step_kwargs = _step_kwargs(scheduler, eta, generator)
     for i, t in enumerate(progress(scheduler.timesteps)):

@@ -1,9 +1,16 @@
 """Pieces shared by the UNet3D blocks: attention, feed-forward, timestep embedding."""
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from .frame_attention import multi_head_sdpa
+
+# attend(q, k, v): (n, l, heads, d) queries, (n, m, heads, d) keys and values -> (n, l, heads, d)
+AttentionCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -23,10 +30,12 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 class Attention(nn.Module):
     """Multi-head attention; cross-attention when `context_dim` is given."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None):
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None,
+                 attend: AttentionCore = multi_head_sdpa):
         super().__init__()
         inner = heads * head_dim
         self.heads = heads
+        self.attend = attend
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
@@ -35,10 +44,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         # x: (n, l, dim); context: (n, m, context_dim) or None for self-attention
         context = x if context is None else context
-        q, k, v = (rearrange(p, 'n l (h d) -> n h l d', h=self.heads)
+        q, k, v = (rearrange(p, 'n l (h d) -> n l h d', h=self.heads)
                    for p in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        out = F.scaled_dot_product_attention(q, k, v)   # (n, h, l, d)
-        return self.to_out(rearrange(out, 'n h l d -> n l (h d)'))
+        return self.to_out(rearrange(self.attend(q, k, v), 'n l h d -> n l (h d)'))
 
 
 class GEGLU(nn.Module):
@@ -71,11 +79,12 @@ class TransformerBlock(nn.Module):
     as in the temporal transformers of the original.
     """
 
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None):
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None,
+                 attend: AttentionCore = multi_head_sdpa):
         super().__init__()
-        self.attn1 = Attention(dim, heads, head_dim)
+        self.attn1 = Attention(dim, heads, head_dim, attend=attend)
         self.ff = FeedForward(dim)
-        self.attn2 = Attention(dim, heads, head_dim, context_dim)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim, attend)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)

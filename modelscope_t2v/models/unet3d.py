@@ -9,16 +9,15 @@ Parameter names equal the original checkpoint keys (including its spelling
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import UNetConfig
+from .frame_attention import frame_attention
 from .layers import TransformerBlock, timestep_embedding
 
 
@@ -159,7 +158,7 @@ class TemporalTransformer(nn.Module):
         inner = heads * head_dim
         self.norm = nn.GroupNorm(32, dim, eps=1e-6)
         self.proj_in = nn.Conv1d(dim, inner, 1)     # 1x1 convolutions: linear maps over c
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, head_dim, None)])
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, head_dim, None, frame_attention)])
         self.proj_out = nn.Conv1d(inner, dim, 1)
 
     def forward(self, x, cond: Conditioning):
@@ -168,22 +167,10 @@ class TemporalTransformer(nn.Module):
         video = rearrange(x, '(b f) c h w -> b c f h w', f=cond.frames)
         y = rearrange(self.norm(video), 'b c f h w -> (b h w) f c')
         y = linear_as_one_gemm(y, self.proj_in.weight[..., 0], self.proj_in.bias)
-        with short_sequence_attention(y):
-            for block in self.transformer_blocks:
-                y = block(y)
+        for block in self.transformer_blocks:
+            y = block(y)
         y = F.linear(y, self.proj_out.weight[..., 0], self.proj_out.bias)
         return x + rearrange(y, '(b h w) f c -> (b f) c h w', h=h, w=w)
-
-
-def short_sequence_attention(x: torch.Tensor):
-    """On CUDA, attention over a few frames per pixel runs fastest on the memory-efficient kernel.
-
-    Measured on an H200 (bench/NOTES.md): a third faster than the cuDNN kernel
-    torch picks, which suits the long spatial sequences better. Elsewhere a no-op.
-    """
-    if not x.is_cuda:
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
 
 
 class Downsample(nn.Module):

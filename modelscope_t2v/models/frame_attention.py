@@ -1,0 +1,117 @@
+"""Attention over the frames of each pixel: one small Triton kernel on CUDA, SDPA elsewhere.
+
+The temporal transformers attend over a few frames (16 by default) at each of
+thousands of pixels. SDPA's kernels are built for long sequences: on an H200
+its fastest one spends 2.5 ms per guided UNet step on these calls, this
+kernel 1.0 ms (bench/frame_attention.py, docs/benchmarks.md). In it one
+program takes one (pixel, head) sequence whole: scores, softmax and the
+weighted sum stay in registers, and q, k, v are read in the projections' own
+layout, without a transpose copy.
+
+The kernel serves float16/bfloat16 CUDA tensors of up to MAX_FRAMES frames and
+a power-of-two head size from 16 to 128; everything else (the CPU, float32,
+long sequences) runs SDPA, so the CPU path is unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only torch builds come without Triton
+    triton = None
+
+MAX_FRAMES = 128
+HEAD_SIZES = (16, 32, 64, 128)
+KERNEL_WARPS = 1   # per program: the fastest over the model's calls on an H200 (bench/frame_attention.py)
+
+
+def multi_head_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Scaled dot-product attention of each head: (n, l, heads, d) -> (n, l, heads, d)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Self-attention along frames: (n pixels, l frames, heads, d) -> the same shape."""
+    if kernel_serves(q):
+        return torch.ops.modelscope_t2v.frame_attention(q, k, v)
+    with efficient_sdpa() if q.is_cuda else contextlib.nullcontext():
+        return multi_head_sdpa(q, k, v)
+
+
+def kernel_serves(q: torch.Tensor) -> bool:
+    return (triton is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[1] <= MAX_FRAMES and q.shape[3] in HEAD_SIZES
+            and (torch.compiler.is_compiling() or kernel_works(q.device)))
+
+
+@functools.cache
+def kernel_works(device: torch.device) -> bool:
+    """Whether the kernel runs on `device`; else warn once, and SDPA serves.
+
+    Triton builds a small C launcher on first use, which fails where no C
+    compiler is installed (slim containers). torch.compile needs one anyway.
+    """
+    try:
+        x = torch.zeros(1, 1, 1, HEAD_SIZES[0], device=device, dtype=torch.float16)
+        torch.ops.modelscope_t2v.frame_attention(x, x, x)
+        return True
+    except Exception as error:  # whatever Triton raises, SDPA still gives the same attention
+        warnings.warn(f'temporal attention runs on SDPA: the Triton kernel failed on {device} ({error})')
+        return False
+
+
+def efficient_sdpa():
+    """Of SDPA's kernels, the memory-efficient one suits short sequences best (a third faster on an H200)."""
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
+
+
+if triton is not None:
+
+    @triton.jit
+    def _load_sequence(ptr, n, h, sn, sl, sh, frames, channels, valid):
+        # (BLOCK_L, D) of one (pixel, head) sequence, zeros past the last frame
+        offsets = n * sn + h * sh + frames[:, None] * sl + channels[None, :]
+        return tl.load(ptr + offsets, mask=valid[:, None], other=0.0)
+
+    @triton.jit
+    def _frame_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, length, heads, scale,
+                                q_sn, q_sl, q_sh, k_sn, k_sl, k_sh, v_sn, v_sl, v_sh, o_sn, o_sl, o_sh,
+                                BLOCK_L: tl.constexpr, D: tl.constexpr):
+        # one program: the sequence of pixel n, head h; rows are frames, columns channels
+        n = (tl.program_id(0) // heads).to(tl.int64)
+        h = tl.program_id(0) % heads
+        frames = tl.arange(0, BLOCK_L)
+        channels = tl.arange(0, D)
+        valid = frames < length
+        q = _load_sequence(q_ptr, n, h, q_sn, q_sl, q_sh, frames, channels, valid)
+        k = _load_sequence(k_ptr, n, h, k_sn, k_sl, k_sh, frames, channels, valid)
+        v = _load_sequence(v_ptr, n, h, v_sn, v_sl, v_sh, frames, channels, valid)
+        scores = tl.dot(q, tl.trans(k)) * scale                       # (BLOCK_L, BLOCK_L), float32
+        scores = tl.where(valid[None, :], scores, float('-inf'))
+        weights = tl.exp(scores - tl.max(scores, axis=1)[:, None])
+        weights = weights / tl.sum(weights, axis=1)[:, None]
+        out = tl.dot(weights.to(v.dtype), v)                         # (BLOCK_L, D), float32
+        offsets = n * o_sn + h * o_sh + frames[:, None] * o_sl + channels[None, :]
+        tl.store(o_ptr + offsets, out.to(o_ptr.dtype.element_ty), mask=valid[:, None])
+
+    @torch.library.triton_op('modelscope_t2v::frame_attention', mutates_args=())
+    def _frame_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q, k, v: (n, l, heads, d), each with unit stride along d; out: contiguous (n, l, heads, d)
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        n, length, heads, d = q.shape
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        torch.library.wrap_triton(_frame_attention_kernel)[(n * heads,)](
+            q, k, v, out, length, heads, d ** -0.5,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            BLOCK_L=max(16, triton.next_power_of_2(length)), D=d, num_warps=KERNEL_WARPS)
+        return out
