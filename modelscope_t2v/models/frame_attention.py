@@ -8,9 +8,10 @@ program takes one (pixel, head) sequence whole: scores, softmax and the
 weighted sum stay in registers, and q, k, v are read in the projections' own
 layout, without a transpose copy.
 
-The kernel serves float16/bfloat16 CUDA tensors of up to MAX_FRAMES frames and
-a power-of-two head size from 16 to 128; everything else (the CPU, float32,
-long sequences) runs SDPA, so the CPU path is unchanged.
+The kernel serves float16 CUDA tensors (the dtype it was measured and checked
+in) of up to MAX_FRAMES frames and a power-of-two head size from 16 to 128;
+everything else (the CPU, bfloat16, float32, long sequences) runs SDPA, so the
+CPU path is unchanged.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only torch builds come without Triton
+    triton = None
+if not hasattr(torch.library, 'triton_op'):  # torch < 2.6
     triton = None
 
 MAX_FRAMES = 128
@@ -49,7 +52,7 @@ def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 
 def kernel_serves(q: torch.Tensor) -> bool:
-    return (triton is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    return (triton is not None and q.is_cuda and q.dtype == torch.float16
             and q.shape[1] <= MAX_FRAMES and q.shape[3] in HEAD_SIZES
             and (torch.compiler.is_compiling() or kernel_works(q.device)))
 
