@@ -84,7 +84,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.attn1 = Attention(dim, heads, head_dim, attend=attend)
         self.ff = FeedForward(dim)
-        self.attn2 = Attention(dim, heads, head_dim, context_dim, attend)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim, attend=attend)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
