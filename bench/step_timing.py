@@ -14,7 +14,6 @@ import time
 import torch
 from measure import sync, timed
 
-import modelscope_t2v.models.frame_conv as frame_conv
 import modelscope_t2v.models.unet3d as unet3d
 from modelscope_t2v.config import FULL, TINY
 from modelscope_t2v.sampling import denoise, guided
@@ -66,7 +65,6 @@ def report(name, model):
 
 
 if 'max-autotune' in sys.argv:   # inductor picks each GEMM from cuBLAS and Triton templates it can fuse into
-    frame_conv.kernel_serves = lambda x: False
     report('compiled max-autotune GEMMs, CUDA graphs', torch.compile(unet.to_channels_last(), dynamic=False, options={
         'max_autotune': True, 'max_autotune_gemm_backends': 'ATEN,TRITON', 'max_autotune_conv_backends': 'ATEN',
         'triton.cudagraphs': True}))
@@ -76,8 +74,3 @@ if 'nocompile' in sys.argv:
     sys.exit()
 unet.to_channels_last()
 report('compiled reduce-overhead', torch.compile(unet, mode='reduce-overhead', dynamic=False))
-if time.perf_counter() - START > 170:
-    sys.exit()
-frame_conv.kernel_serves = lambda x: False
-torch._dynamo.reset()
-report('compiled reduce-overhead, temporal convs op by op', torch.compile(unet, mode='reduce-overhead', dynamic=False))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from modelscope_t2v.config import TINY
+from modelscope_t2v.models.autoencoder import AutoencoderKL
 from modelscope_t2v.models.unet3d import TemporalConv, UNet3D, frame_conv_as_gemm, frame_major_weight
 from reference import randomize_, rel_err
 
@@ -102,3 +103,18 @@ def test_compiled_channels_last_unet_equals_plain():
     errors = rel_err(first, expected), rel_err(second, expected_second)
     print(f'compiled channels-last UNet3D: worst relative errors {errors[0]:.2e}, {errors[1]:.2e}')
     assert max(errors) < TOLERANCE
+
+
+def test_compiled_decoder_keeps_keys_and_decodes_as_eager():
+    autoencoder = randomize_(AutoencoderKL(TINY.autoencoder), 3).eval()
+    keys = {k: v.clone() for k, v in autoencoder.state_dict().items()}
+    latents = torch.randn(1, TINY.autoencoder.z_channels, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        plain = autoencoder.decode_video(latents, 2)
+        autoencoder.compile_decoder()  # inductor's CPU backend; chunks of 2 and 1 frames: two graphs
+        compiled = autoencoder.decode_video(latents, 2)
+    after = autoencoder.state_dict()
+    assert list(after) == list(keys) and all(torch.equal(after[k], v) for k, v in keys.items())
+    err = rel_err(compiled, plain)
+    print(f'compiled channels-last decoder against eager: worst relative error {err:.2e}')
+    assert compiled.shape == plain.shape and err < TOLERANCE

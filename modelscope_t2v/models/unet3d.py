@@ -17,7 +17,6 @@ from einops import rearrange
 from torch import nn
 
 from ..config import UNetConfig
-from . import frame_conv
 from .frame_attention import frame_attention
 from .layers import TransformerBlock, timestep_embedding
 
@@ -80,8 +79,7 @@ def store_frame_major(conv: nn.Conv3d) -> None:
 class TemporalConv(nn.Module):
     """Four (GroupNorm, SiLU, 3x1x1 conv) stages along frames, residual.
 
-    With `as_gemm` (set by UNet3D.to_channels_last) each conv runs as one GEMM,
-    on a float16 GPU with its norm and SiLU in one Triton kernel (frame_conv.py).
+    With `as_gemm` (set by UNet3D.to_channels_last) each conv runs as one GEMM.
     """
     as_gemm = False
 
@@ -104,12 +102,7 @@ class TemporalConv(nn.Module):
             return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
         h = x
         for stage in (self.conv1, self.conv2, self.conv3, self.conv4):
-            norm, conv = stage[0], stage[-1]
-            if frame_conv.kernel_serves(h):
-                taps = frame_major_weight(conv).unflatten(0, (3, conv.out_channels))   # (3, co, ci)
-                h = frame_conv.fused_stage(h, norm, taps, conv.bias)
-            else:
-                h = frame_conv_as_gemm(stage[:-1](h), conv)
+            h = frame_conv_as_gemm(stage[:-1](h), stage[-1])
         return x + h
 
 
