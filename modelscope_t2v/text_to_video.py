@@ -77,7 +77,7 @@ class TextToVideo:
             'max-autotune'). On CUDA the UNet switches to channels-last with its
             temporal convs as GEMMs and is compiled in that mode, the autoencoder's
             decoder in mode 'default': minutes once per process (less with inductor's
-            on-disk cache warm), then about 1.9x faster per generation.
+            on-disk cache warm), then about 2x faster per generation.
         low_memory: keep the text encoder and autoencoder on the CPU between their
             uses and decode one frame at a time (docs/benchmarks.md: peak memory).
         half_cache: True or a folder: read the weights from a float16/bfloat16
