@@ -83,6 +83,7 @@ def bench_startup(args, device) -> dict:
     return {'fp32_files_s': fp32_files, 'half_cache_first_call_s': write, 'half_cache_s': read}
 
 
+@torch.no_grad()   # as the engine runs; a compiled UNet would otherwise recompile for grad mode
 def bench_ours(engine: TextToVideo, args, label: str) -> dict:
     """Per-stage and end-to-end times of the default generation, and DPM++2M at 25 steps."""
     request = default_request(engine, args)

@@ -1,11 +1,16 @@
 """One guided UNet3D forward and one step of the 50-step DDIM loop, eager and compiled, with the top GPU kernels.
 
-    python bench/step_timing.py            # GPU, real-size random UNet, fp16, batch 2 (guidance)
-    python bench/step_timing.py tiny nocompile                     # CPU dry run
-    python bench/step_timing.py max-autotune                       # only the max-autotune compile
+    python bench/step_timing.py            # GPU, real-size random UNet, fp16, 2 texts per video (guidance)
+    python bench/step_timing.py tiny eager                         # CPU dry run
+    python bench/step_timing.py reduce-overhead freezing           # only the named variants, in this order
+
+Variants: eager, reduce-overhead (the package's compiled path), freezing (reduce-overhead with
+inductor's freezing: weights as constants, Q/K/V products concatenated), freezing+cudnn-benchmark,
+combo-kernels (inductor launches independent small kernels as one), max-autotune (inductor
+picks each GEMM from cuBLAS and Triton templates).
 
 Prints per variant: first-call (compile) seconds, ms per forward, ms per loop step, and from
-torch.profiler the GPU kernel ms per step, launches per step and the 8 costliest kernels.
+torch.profiler the GPU kernel ms per step, launches per step and the 12 costliest kernels.
 Dynamo's graph-break, recompile, CUDA-graph and performance-hint logs are on.
 """
 import sys
@@ -21,6 +26,7 @@ from modelscope_t2v.schedulers import make_scheduler
 
 torch._logging.set_logs(graph_breaks=True, recompiles=True, cudagraphs=True, perf_hints=True)
 torch._dynamo.config.cache_size_limit = 64
+torch.set_grad_enabled(False)   # inference, as the engine runs it (and freezing applies only without grad)
 cfg = TINY if 'tiny' in sys.argv else FULL
 dev = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = torch.float16 if dev == 'cuda' else torch.float32
@@ -30,7 +36,7 @@ with torch.device(dev):
 lat = 32 if cfg is FULL else 8
 x = torch.randn(1, 4, 16, lat, lat, device=dev, dtype=dtype)
 ctx, unc = torch.randn(2, 1, 77, cfg.unet.context_dim, device=dev, dtype=dtype)
-x2, t2, c2 = torch.cat([x, x]), torch.full((2,), 981, device=dev), torch.cat([unc, ctx])
+t1, c2 = torch.full((1,), 981, device=dev), torch.cat([unc, ctx])   # one video, two texts
 START = time.perf_counter()
 
 
@@ -41,12 +47,12 @@ def wall(fn, n):
 
 def report(name, model):
     t0 = time.perf_counter()
-    model(x2, t2, c2)
+    model(x, t1, c2)
     sync()
     first = time.perf_counter() - t0
     for _ in range(3):
-        model(x2, t2, c2)
-    fwd = wall(lambda: model(x2, t2, c2), 20)
+        model(x, t1, c2)
+    fwd = wall(lambda: model(x, t1, c2), 20)
     loop = lambda: denoise(guided(model, 9.0, unc), x, ctx, make_scheduler('ddim', cfg.diffusion), 50)  # noqa: E731
     loop()
     per_step = wall(loop, 2) / 50
@@ -60,17 +66,29 @@ def report(name, model):
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in events) / 3e3
     print(f'   GPU kernel ms per step {total:.2f}; launches per step {sum(e.count for e in events) / 3:.0f}')
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:8]:
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
         print(f'     {e.self_device_time_total / 3e3:7.2f} ms  {e.count // 3:5d}x  {e.key[:90]}')
 
 
-if 'max-autotune' in sys.argv:   # inductor picks each GEMM from cuBLAS and Triton templates it can fuse into
-    report('compiled max-autotune GEMMs, CUDA graphs', torch.compile(unet.to_channels_last(), dynamic=False, options={
-        'max_autotune': True, 'max_autotune_gemm_backends': 'ATEN,TRITON', 'max_autotune_conv_backends': 'ATEN',
-        'triton.cudagraphs': True}))
-    sys.exit()
-report('eager', unet)
-if 'nocompile' in sys.argv:
-    sys.exit()
-unet.to_channels_last()
-report('compiled reduce-overhead', torch.compile(unet, mode='reduce-overhead', dynamic=False))
+def compiled(**options):
+    """The channels-last UNet compiled with CUDA graphs (mode 'reduce-overhead') and these inductor options."""
+    return torch.compile(unet.to_channels_last(), dynamic=False, options={'triton.cudagraphs': True, **options})
+
+
+def with_cudnn_benchmark(make):
+    torch.backends.cudnn.benchmark = True
+    return make()
+
+
+VARIANTS = {
+    'eager': lambda: unet,
+    'reduce-overhead': compiled,
+    'freezing': lambda: compiled(freezing=True),
+    'freezing+cudnn-benchmark': lambda: with_cudnn_benchmark(lambda: compiled(freezing=True)),
+    'combo-kernels': lambda: compiled(combo_kernels=True),
+    'max-autotune': lambda: compiled(max_autotune=True, max_autotune_gemm_backends='ATEN,TRITON',
+                                     max_autotune_conv_backends='ATEN'),
+}
+chosen = [name for name in sys.argv[1:] if name in VARIANTS] or ['eager', 'reduce-overhead']
+for name in chosen:   # eager first: to_channels_last changes the model for the variants after it
+    report(name, VARIANTS[name]())

@@ -1,6 +1,8 @@
 """The denoising loop and classifier-free guidance; the scheduler only steps.
 
-A model is any `model_fn(x, t, context) -> eps` on `b c f h w` latents.
+A model is any `model_fn(x, t, context) -> eps` on `b c f h w` latents. Its
+context may hold k texts per video, `(k b, 77, d)` text-major; it then
+returns one eps per text, `(k b, c, f, h, w)`, as UNet3D does.
 """
 
 from __future__ import annotations
@@ -18,15 +20,16 @@ StepCallback = Callable[[int, int, torch.Tensor], None]
 def guided(model_fn: ModelFn, scale: float, uncond: torch.Tensor) -> ModelFn:
     """Classifier-free guidance (Ho & Salimans 2022): eps_u + s (eps_c - eps_u).
 
-    Both branches run as one batch; with s <= 1 guidance is off and the
-    conditional branch runs alone (one UNet pass per step).
+    Both branches run as one batch of two texts per video (UNet3D runs the
+    layers before the text once for both); with s <= 1 guidance is off and
+    the conditional branch runs alone (one UNet pass per step).
     """
     if scale <= 1.0:
         return model_fn
 
     def fn(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # x: (b, c, f, h, w); context, uncond: (b, 77, d)
-        eps_u, eps_c = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, context])).chunk(2)
+        eps_u, eps_c = model_fn(x, t, torch.cat([uncond, context])).chunk(2)
         return eps_u + scale * (eps_c - eps_u)
 
     return fn

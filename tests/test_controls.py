@@ -131,11 +131,22 @@ def test_latents_are_the_starting_noise(generate, unet_inputs):
 
 # --- guidance -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('scale, batch', [(1.0, 2), (9.0, 4)])
-def test_guidance_scale_sets_unet_batch(generate, unet_inputs, scale, batch):
-    result = generate(text=['a cat', 'a dog'], seed=3, guidance_scale=scale, num_inference_steps=3,
-                      output_type='latents')
-    assert [x.shape[0] for x in unet_inputs] == [batch] * 3  # one call per step
+@pytest.mark.parametrize('scale, texts', [(1.0, 2), (9.0, 4)])
+def test_guidance_scale_sets_texts_per_unet_call(generate, tiny_engine, scale, texts):
+    """Guidance gives the UNet each video's two texts in one call (the videos once: UNet3D shares its first layers)."""
+    forward, batches = tiny_engine.unet.forward, []
+
+    def record(x, t, context):
+        batches.append((x.shape[0], t.shape[0], context.shape[0]))
+        return forward(x, t, context)
+
+    tiny_engine.unet.forward = record
+    try:
+        result = generate(text=['a cat', 'a dog'], seed=3, guidance_scale=scale, num_inference_steps=3,
+                          output_type='latents')
+    finally:
+        del tiny_engine.unet.forward
+    assert batches == [(2, 2, texts)] * 3  # one call per step
     assert result.parameters[0]['guidance_scale'] == scale
 
 

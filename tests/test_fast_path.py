@@ -14,6 +14,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from modelscope_t2v.config import TINY
 from modelscope_t2v.models.autoencoder import AutoencoderKL
+from modelscope_t2v.models.group_norm import GroupNorm, group_norm_per_channel_stats
 from modelscope_t2v.models.unet3d import TemporalConv, UNet3D, frame_conv_as_gemm, frame_major_weight
 from reference import randomize_, rel_err
 
@@ -45,6 +46,26 @@ def test_frame_conv_as_gemm_equals_conv3d(frames, channels_last):
     assert err < TOLERANCE
 
 
+@pytest.mark.parametrize('shape', [(4, 64, 8, 8), (2, 64, 5, 6, 7)])
+@pytest.mark.parametrize('offset,scale,tolerance', [(0.0, 1.0, 1e-6), (100.0, 0.1, 1e-4)])
+def test_group_norm_per_channel_stats_equals_group_norm(shape, offset, scale, tolerance):
+    """Against float64 GroupNorm; with a large mean (100, std 0.1) float32 itself errs by ~4e-5."""
+    g = torch.Generator().manual_seed(7)
+    per_channel_offsets = torch.randn(shape[:2] + (1,) * (len(shape) - 2), generator=g)
+    x = (torch.randn(shape, generator=g) + per_channel_offsets) * scale + offset
+    weight, bias = torch.randn(2, 64, generator=g)
+    expected = F.group_norm(x.double(), 32, weight.double(), bias.double(), 1e-6)
+    got = group_norm_per_channel_stats(x.contiguous(memory_format=_channels_last(x)), 32, weight, bias, 1e-6)
+    native = F.group_norm(x, 32, weight, bias, 1e-6)
+    errors = rel_err(got.double(), expected), rel_err(native.double(), expected)
+    print(f'GroupNorm {shape}, mean {offset}: per-channel statistics {errors[0]:.1e}, native {errors[1]:.1e}')
+    assert errors[0] < tolerance
+
+
+def _channels_last(x):
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+
+
 def test_to_channels_last_keeps_keys_and_values_and_stores_taps_first():
     plain, fast = _models()
     before, after = plain.state_dict(), fast.state_dict()
@@ -57,6 +78,10 @@ def test_to_channels_last_keeps_keys_and_values_and_stores_taps_first():
     for conv in convs:  # the GEMM's (3 co, ci) weight is the parameter's own memory, not a copy
         gemm_weight = frame_major_weight(conv)
         assert gemm_weight.is_contiguous() and gemm_weight.data_ptr() == conv.weight.data_ptr()
+    norms = [m for m in fast.modules() if isinstance(m, GroupNorm)]
+    assert len(norms) == sum(isinstance(m, torch.nn.GroupNorm) for m in fast.modules()) > 0
+    assert all(norm.per_channel_stats for norm in norms)
+    assert not any(norm.per_channel_stats for norm in plain.modules() if isinstance(norm, GroupNorm))
 
 
 @pytest.mark.parametrize('frames,size', [(16, 32), (3, 24)])

@@ -45,6 +45,31 @@ def test_without_temporal_attention_matches_reference():
     assert err < TOLERANCE
 
 
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_two_texts_per_video_equal_two_passes_and_share_the_layers_before_the_text(channels_last):
+    """Guidance's batch: the layers before the first cross-attention run once per video."""
+    model = randomize_(UNet3D(TINY.unet).eval(), seed=5)
+    if channels_last:
+        model.to_channels_last()
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 4, 5, 8, 8, generator=g)
+    t = torch.tensor([981, 500])
+    texts = torch.randn(4, 77, TINY.unet.context_dim, generator=g)   # text-major: 2 texts x 2 videos
+    rows_seen = []
+    hook = model.input_blocks[1][0].register_forward_hook(lambda m, args, out: rows_seen.append(out.shape[0]))
+    with torch.no_grad():
+        shared = model(x, t, texts)
+        hook.remove()
+        per_text = torch.cat([model(x, t, texts[:2]), model(x, t, texts[2:])])
+    err = rel_err(shared, per_text)
+    print(f'two texts per video in one pass against one pass per text: {err:.2e}')
+    assert shared.shape == (4, 4, 5, 8, 8)
+    assert rows_seen == [2 * 5]            # the first ResBlock ran on b f rows, not k b f
+    assert err < TOLERANCE
+    with pytest.raises(ValueError, match='3 texts for 2 videos'):
+        model(x, t, texts[:3])
+
+
 def test_odd_latent_size_runs():
     """A 40x24 latent (320x192 pixels) does not divide by 2**levels everywhere in FULL, but
     in the tiny model 2 levels: 13x7 latents exercise the skip-size upsampling."""

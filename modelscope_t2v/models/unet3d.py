@@ -18,15 +18,27 @@ from torch import nn
 
 from ..config import UNetConfig
 from .frame_attention import frame_attention
+from .group_norm import GroupNorm
 from .layers import TransformerBlock, timestep_embedding
 
 
 @dataclass
 class Conditioning:
-    """What every layer may need beside its input."""
-    emb: torch.Tensor       # (b f, embed_dim) timestep embedding, one row per frame
-    context: torch.Tensor   # (b, 77, context_dim) text embedding, one per video
+    """What every layer may need beside its input.
+
+    With k texts per video (classifier-free guidance: k = 2) the layers before
+    the first cross-attention run once per video on (b f) rows; from there on
+    every video runs once per text, on (k b f) rows ordered text-major like
+    the context.
+    """
+    emb: torch.Tensor       # (k b f, embed_dim) timestep embedding, one row per frame
+    context: torch.Tensor   # (k b, 77, context_dim) text embeddings, k per video, text-major
     frames: int             # f, to unfold (b f) for temporal layers
+
+    def per_text(self, x: torch.Tensor) -> torch.Tensor:
+        """(b f, ...) rows shared by the k texts -> (k b f, ...); rows already per text pass unchanged."""
+        k = self.emb.shape[0] // x.shape[0]
+        return x if k == 1 else torch.cat([x] * k)  # cat keeps channels-last
 
 
 class InputConv(nn.Conv2d):
@@ -87,7 +99,7 @@ class TemporalConv(nn.Module):
         super().__init__()
 
         def stage(with_dropout: bool) -> nn.Sequential:
-            layers = [nn.GroupNorm(32, dim), nn.SiLU()]
+            layers = [GroupNorm(32, dim), nn.SiLU()]
             layers += [nn.Dropout(0.0)] if with_dropout else []  # keeps the checkpoint's indices
             return nn.Sequential(*layers, nn.Conv3d(dim, dim, (3, 1, 1), padding=(1, 0, 0)))
 
@@ -112,17 +124,17 @@ class ResBlock(nn.Module):
     def __init__(self, in_dim: int, embed_dim: int, out_dim: int):
         super().__init__()
         self.in_layers = nn.Sequential(
-            nn.GroupNorm(32, in_dim), nn.SiLU(), nn.Conv2d(in_dim, out_dim, 3, padding=1))
+            GroupNorm(32, in_dim), nn.SiLU(), nn.Conv2d(in_dim, out_dim, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, out_dim))
         self.out_layers = nn.Sequential(
-            nn.GroupNorm(32, out_dim), nn.SiLU(), nn.Dropout(0.0),
+            GroupNorm(32, out_dim), nn.SiLU(), nn.Dropout(0.0),
             nn.Conv2d(out_dim, out_dim, 3, padding=1))
         self.skip_connection = nn.Identity() if in_dim == out_dim else nn.Conv2d(in_dim, out_dim, 1)
         self.temopral_conv = TemporalConv(out_dim)
 
     def forward(self, x, cond: Conditioning):
-        # x: ((b f), c, h, w)
-        h = self.in_layers(x) + self.emb_layers(cond.emb)[:, :, None, None].to(x.dtype)
+        # x: ((b f), c, h, w); the first b f rows of cond.emb serve the rows shared by all texts too
+        h = self.in_layers(x) + self.emb_layers(cond.emb[:x.shape[0]])[:, :, None, None].to(x.dtype)
         h = self.skip_connection(x) + self.out_layers(h)
         h = rearrange(h, '(b f) c h w -> b c f h w', f=cond.frames)
         h = self.temopral_conv(h)
@@ -135,13 +147,14 @@ class SpatialTransformer(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int):
         super().__init__()
         inner = heads * head_dim
-        self.norm = nn.GroupNorm(32, dim, eps=1e-6)
+        self.norm = GroupNorm(32, dim, eps=1e-6)
         self.proj_in = nn.Linear(dim, inner)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, head_dim, context_dim)])
         self.proj_out = nn.Linear(inner, dim)
 
     def forward(self, x, cond: Conditioning):
-        # x: ((b f), c, h, w) -> tokens ((b f), h w, c)
+        # x: ((b f), c, h, w) -> tokens ((k b f), h w, c): the text splits shared rows per text
+        x = cond.per_text(x)
         h, w = x.shape[-2:]
         tokens = rearrange(self.norm(x), 'n c h w -> n (h w) c')
         y = linear_as_one_gemm(tokens, self.proj_in.weight, self.proj_in.bias)
@@ -156,7 +169,7 @@ class TemporalTransformer(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int):
         super().__init__()
         inner = heads * head_dim
-        self.norm = nn.GroupNorm(32, dim, eps=1e-6)
+        self.norm = GroupNorm(32, dim, eps=1e-6)
         self.proj_in = nn.Conv1d(dim, inner, 1)     # 1x1 convolutions: linear maps over c
         self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, head_dim, None, frame_attention)])
         self.proj_out = nn.Conv1d(inner, dim, 1)
@@ -210,7 +223,7 @@ class UNetBlock(nn.ModuleList):
 
 
 class UNet3D(nn.Module):
-    """eps = UNet3D(x_t, t, text): (b, c, f, h, w) -> (b, c, f, h, w)."""
+    """eps = UNet3D(x_t, t, texts): (b, c, f, h, w) -> (k b, c, f, h, w) for k texts per video."""
     channels_last = False   # set by to_channels_last()
 
     def __init__(self, config: UNetConfig):
@@ -264,10 +277,11 @@ class UNet3D(nn.Module):
                     scale *= 2
                 self.output_blocks.append(UNetBlock(block))
 
-        self.out = nn.Sequential(nn.GroupNorm(32, width), nn.SiLU(), nn.Conv2d(width, config.out_dim, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm(32, width), nn.SiLU(), nn.Conv2d(width, config.out_dim, 3, padding=1))
 
     def to_channels_last(self) -> 'UNet3D':
-        """Run on channels-last activations, each temporal conv as one GEMM; keys and values unchanged.
+        """Run on channels-last activations, each temporal conv as one GEMM and each
+        GroupNorm's statistics per channel first; keys and values unchanged.
 
         Pays under torch.compile on a GPU, where no layout conversion is left
         around the convolutions (bench/NOTES.md); eager it launches more kernels.
@@ -275,6 +289,8 @@ class UNet3D(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+            if isinstance(module, GroupNorm):
+                module.per_channel_stats = True
             if isinstance(module, TemporalConv):
                 module.as_gemm = True
                 for stage in (module.conv1, module.conv2, module.conv3, module.conv4):
@@ -283,10 +299,19 @@ class UNet3D(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        # x: (b, c, f, h, w) noisy latents; t: (b,) diffusion times; context: (b, 77, context_dim)
-        frames = x.shape[2]
-        emb = self.time_embed(timestep_embedding(t, self.config.dim).to(x.dtype))
-        cond = Conditioning(emb=emb.repeat_interleave(frames, dim=0), context=context, frames=frames)
+        """x: (b, c, f, h, w) noisy latents; t: (b,) diffusion times; context: (k b, 77, context_dim).
+
+        With k texts per video (text-major: rows j b .. j b + b - 1 are text j)
+        the result is (k b, c, f, h, w), one prediction per text; the layers
+        before the first cross-attention run once per video for all k.
+        """
+        b, frames = x.shape[0], x.shape[2]
+        if context.shape[0] % b:
+            raise ValueError(f'context holds {context.shape[0]} texts for {b} videos: need a multiple of {b}')
+        texts = context.shape[0] // b
+        emb = self.time_embed(timestep_embedding(t, self.config.dim).to(x.dtype))   # (b, embed_dim)
+        cond = Conditioning(emb=emb.repeat(texts, 1).repeat_interleave(frames, dim=0), context=context,
+                            frames=frames)
         h = rearrange(x, 'b c f h w -> (b f) c h w')
         if self.channels_last:
             h = h.contiguous(memory_format=torch.channels_last)
@@ -296,6 +321,6 @@ class UNet3D(nn.Module):
             skips.append(h)
         h = self.middle_block(h, cond)
         for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)
+            h = torch.cat([h, cond.per_text(skips.pop())], dim=1)
             h = block(h, cond, size=skips[-1].shape[-2:] if skips else None)
         return rearrange(self.out(h), '(b f) c h w -> b c f h w', f=frames).contiguous()
