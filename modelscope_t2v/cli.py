@@ -28,7 +28,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--device', default='gpu',
                        help="'gpu' (CUDA when available, else CPU), 'cpu', 'cuda:1'... (default: %(default)s)")
     group.add_argument('--compile', action='store_true',
-                       help='torch.compile the UNet and the decoder on CUDA: about 2 min once per process, '
+                       help='torch.compile the UNet and the decoder on CUDA: about 3 min once per process, '
                             'then about 2x faster (docs/benchmarks.md)')
     group.add_argument('--low-memory', action='store_true',
                        help='keep the text encoder and autoencoder on the CPU between uses; decode frame by frame')
