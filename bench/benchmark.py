@@ -18,6 +18,7 @@ Also the FLOP count of the default generation and the measured fp16 matmul ceili
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -54,8 +55,10 @@ def load(args, device, **options) -> TextToVideo:
 
 
 def release(engine: TextToVideo) -> None:
-    """Free an engine's GPU memory before the next one is built."""
+    """Free an engine's GPU memory before the next one is built, compiled code and CUDA graphs included."""
     engine.text_encoder = engine.unet = engine.autoencoder = None
+    torch._dynamo.reset()   # its caches hold the compiled modules
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -89,10 +92,10 @@ def bench_ours(engine: TextToVideo, args, label: str) -> dict:
     request = default_request(engine, args)
     engine(default_request(engine, args, num_inference_steps=2))  # warm-up
     stages = {}
-    context, stages['text'] = timed(lambda: torch.cat([engine.encode_text([PROMPT]), engine.encode_text([''])]))
+    (context, uncond), stages['text'] = timed(lambda: engine.encode_prompts([PROMPT], ['']))
     noise = engine.initial_noise(request).to(engine.device, engine.dtype)
-    model_fn = guided(engine.unet, 9.0, context[1:])
-    run_denoise = lambda: denoise(model_fn, noise, context[:1], make_scheduler('ddim', engine.config.diffusion), 50)  # noqa: E731
+    model_fn = guided(engine.unet, 9.0, uncond)
+    run_denoise = lambda: denoise(model_fn, noise, context, make_scheduler('ddim', engine.config.diffusion), 50)  # noqa: E731
     latents, _ = timed(run_denoise)
     stages['denoise'] = median_time(run_denoise, args.runs)
     stages['decode'] = median_time(lambda: engine.decode(latents), args.runs)

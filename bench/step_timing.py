@@ -1,18 +1,22 @@
-"""One guided UNet3D forward and one step of the 50-step DDIM loop, eager and compiled, with the top GPU kernels.
+"""One guided UNet3D call and one step of the 50-step DDIM loop, eager and compiled, with the GPU kernels.
 
     python bench/step_timing.py            # GPU, real-size random UNet, fp16, 2 texts per video (guidance)
     python bench/step_timing.py tiny eager                         # CPU dry run
     python bench/step_timing.py reduce-overhead freezing           # only the named variants, in this order
 
-Variants: eager, reduce-overhead (the package's compiled path), freezing (reduce-overhead with
+Variants: eager, reduce-overhead (the package's compiled path), guidance-in-graph (the same, with
+guidance's combination of the two eps inside the compiled graph), freezing (reduce-overhead with
 inductor's freezing: weights as constants, Q/K/V products concatenated), freezing+cudnn-benchmark,
 combo-kernels (inductor launches independent small kernels as one), max-autotune (inductor
 picks each GEMM from cuBLAS and Triton templates).
 
-Prints per variant: first-call (compile) seconds, ms per forward, ms per loop step, and from
-torch.profiler the GPU kernel ms per step, launches per step and the 12 costliest kernels.
+Prints per variant: first-call (compile) seconds, ms per guided eps (one UNet call with two texts
+and guidance's combination), ms per loop step, and from torch.profiler of 3 loop steps: GPU kernel
+ms and launches per step, ms per kind of kernel, the 12 costliest kernels, the kernels the memsets
+follow, and the GPU's idle time.
 Dynamo's graph-break, recompile, CUDA-graph and performance-hint logs are on.
 """
+import collections
 import sys
 import time
 
@@ -36,7 +40,7 @@ with torch.device(dev):
 lat = 32 if cfg is FULL else 8
 x = torch.randn(1, 4, 16, lat, lat, device=dev, dtype=dtype)
 ctx, unc = torch.randn(2, 1, 77, cfg.unet.context_dim, device=dev, dtype=dtype)
-t1, c2 = torch.full((1,), 981, device=dev), torch.cat([unc, ctx])   # one video, two texts
+t1 = torch.full((1,), 981, device=dev)
 START = time.perf_counter()
 
 
@@ -45,29 +49,58 @@ def wall(fn, n):
     return timed(lambda: [fn() for _ in range(n)])[1] / n
 
 
-def report(name, model):
+def report(name, eps_fn):
+    """eps_fn(x, t, context) -> guided eps: time its first call, calls, loop steps, and profile 3 steps."""
     t0 = time.perf_counter()
-    model(x, t1, c2)
+    eps_fn(x, t1, ctx)
     sync()
     first = time.perf_counter() - t0
     for _ in range(3):
-        model(x, t1, c2)
-    fwd = wall(lambda: model(x, t1, c2), 20)
-    loop = lambda: denoise(guided(model, 9.0, unc), x, ctx, make_scheduler('ddim', cfg.diffusion), 50)  # noqa: E731
+        eps_fn(x, t1, ctx)
+    eps = wall(lambda: eps_fn(x, t1, ctx), 20)
+    loop = lambda: denoise(eps_fn, x, ctx, make_scheduler('ddim', cfg.diffusion), 50)  # noqa: E731
     loop()
     per_step = wall(loop, 2) / 50
-    print(f'{name:40} first {first:7.1f} s  forward {fwd * 1e3:6.2f} ms  loop/step {per_step * 1e3:6.2f} ms  '
+    print(f'{name:40} first {first:7.1f} s  guided eps {eps * 1e3:6.2f} ms  loop/step {per_step * 1e3:6.2f} ms  '
           f'(t={time.perf_counter() - START:.0f} s)', flush=True)
     if dev != 'cuda':
         return
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        denoise(guided(model, 9.0, unc), x, ctx, make_scheduler('ddim', cfg.diffusion), 3)
+        denoise(eps_fn, x, ctx, make_scheduler('ddim', cfg.diffusion), 3)
         sync()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    total = sum(e.self_device_time_total for e in events) / 3e3
-    print(f'   GPU kernel ms per step {total:.2f}; launches per step {sum(e.count for e in events) / 3:.0f}')
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
-        print(f'     {e.self_device_time_total / 3e3:7.2f} ms  {e.count // 3:5d}x  {e.key[:90]}')
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    print_kernel_summary(kernels, steps=3)
+
+
+def print_kernel_summary(kernels, steps):
+    """Kernel ms per step by kind, the 12 costliest kernels, and the GPU's idle time between kernels."""
+    busy = sum(k.time_range.elapsed_us() for k in kernels) / steps / 1e3
+    print(f'   GPU kernel ms per step {busy:.2f}; launches per step {len(kernels) / steps:.0f}')
+    by_kind, by_name = collections.defaultdict(list), collections.defaultdict(list)
+    for k in kernels:
+        by_kind[kernel_kind(k.name)].append(k.time_range.elapsed_us())
+        by_name[k.name].append(k.time_range.elapsed_us())
+    for kind, times in sorted(by_kind.items(), key=lambda item: -sum(item[1])):
+        print(f'     {sum(times) / steps / 1e3:7.2f} ms  {len(times) // steps:5d}x  [{kind}]')
+    for kernel, times in sorted(by_name.items(), key=lambda item: -sum(item[1]))[:12]:
+        print(f'     {sum(times) / steps / 1e3:7.2f} ms  {len(times) // steps:5d}x  {kernel[:90]}')
+    ordered = sorted(kernels, key=lambda k: k.time_range.start)
+    before_memsets = collections.Counter(a.name[:60] for a, b in zip(ordered, ordered[1:]) if 'Memset' in b.name)
+    print(f'   memsets per step follow: {[(name, n // steps) for name, n in before_memsets.most_common(4)]}')
+    idle = [(b.time_range.start - a.time_range.end, a.name) for a, b in zip(ordered, ordered[1:])]
+    span = (ordered[-1].time_range.end - ordered[0].time_range.start) / steps / 1e3
+    small = sum(gap for gap, _ in idle if 0 < gap < 20) / steps / 1e3
+    print(f'   GPU span per step {span:.2f} ms: idle {span - busy:.2f} ms, of which {small:.2f} ms in gaps < 20 us; '
+          f'largest gaps (us, after): {[(round(gap), name[:40]) for gap, name in sorted(idle)[-6:]]}')
+
+
+def kernel_kind(name: str) -> str:
+    """A coarse kind for a kernel name: matrix products, convolutions, attention, Triton fusions by type, copies."""
+    kinds = [('triton reduction', ('triton_red', 'triton_per')), ('triton pointwise', ('triton_poi',)),
+             ('attention', ('sdpa', 'flash', 'fmha', 'frame_attention')),
+             ('convolution (cuDNN)', ('fprop', 'conv')), ('gemm (cuBLAS)', ('nvjet', 'gemm', 'cutlass')),
+             ('memset/memcpy', ('Memset', 'Memcpy'))]
+    return next((kind for kind, keys in kinds if any(key in name for key in keys)), 'other')
 
 
 def compiled(**options):
@@ -83,6 +116,8 @@ def with_cudnn_benchmark(make):
 VARIANTS = {
     'eager': lambda: unet,
     'reduce-overhead': compiled,
+    'guidance-in-graph': lambda: torch.compile(guided(unet.to_channels_last(), 9.0, unc), dynamic=False,
+                                               options={'triton.cudagraphs': True}),
     'freezing': lambda: compiled(freezing=True),
     'freezing+cudnn-benchmark': lambda: with_cudnn_benchmark(lambda: compiled(freezing=True)),
     'combo-kernels': lambda: compiled(combo_kernels=True),
@@ -91,4 +126,5 @@ VARIANTS = {
 }
 chosen = [name for name in sys.argv[1:] if name in VARIANTS] or ['eager', 'reduce-overhead']
 for name in chosen:   # eager first: to_channels_last changes the model for the variants after it
-    report(name, VARIANTS[name]())
+    made = VARIANTS[name]()
+    report(name, made if name == 'guidance-in-graph' else guided(made, 9.0, unc))

@@ -100,6 +100,15 @@ class TextToVideo:
         return engine
 
     @torch.no_grad()
+    def encode_prompts(self, prompts, negatives=None) -> tuple:
+        """(context, uncond) in the engine's dtype, each (b, 77, width), from one text-encoder pass;
+        uncond is None without negative prompts (guidance off)."""
+        embeddings = self.encode_text(list(prompts) + list(negatives or [])).to(self.dtype)
+        if negatives is None:
+            return embeddings, None
+        return embeddings[:len(prompts)], embeddings[len(prompts):]
+
+    @torch.no_grad()
     def encode_text(self, prompts) -> torch.Tensor:
         """Prompts -> penultimate-layer embeddings (b, 77, width); long prompts are truncated."""
         n = self.config.text.context_length
@@ -157,10 +166,8 @@ class TextToVideo:
         negatives = [p for p in request.negative_prompts for _ in range(per_video)]
 
         # 2. encode text (the unconditional branch only when guidance is on)
-        with self.on_device(self.text_encoder):
-            context = self.encode_text(prompts).to(self.dtype)
-            guidance_on = request.guidance_scale > 1.0
-            uncond = self.encode_text(negatives).to(self.dtype) if guidance_on else None
+        guidance_on = request.guidance_scale > 1.0
+        context, uncond = self.encode_prompts(prompts, negatives if guidance_on else None)
 
         # 3. prepare noise, on the CPU from the seeds, then moved
         noise = self.initial_noise(request).to(self.device, self.dtype)
@@ -202,9 +209,13 @@ class TextToVideo:
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
-    """Decoder output (n, 3, f, h, w) in [-1, 1] -> uint8 (n, f, h, w, 3), truncated as the original."""
-    video = (video.float() * 0.5 + 0.5).clamp(0, 1)
-    return (rearrange(video, 'n c f h w -> n f h w c').cpu().numpy() * 255).astype(np.uint8)
+    """Decoder output (n, 3, f, h, w) in [-1, 1] -> uint8 (n, f, h, w, 3), truncated as the original.
+
+    The arithmetic runs where the video is (float32, one operation at a time,
+    as numpy would), so only the uint8 frames travel to the host.
+    """
+    video = ((video.float() * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8)
+    return rearrange(video, 'n c f h w -> n f h w c').cpu().numpy()
 
 
 def output_paths(output_video: Optional[str], n: int) -> List[str]:

@@ -315,6 +315,29 @@ def test_output_type_latents_and_frames_write_nothing(generate, tiny_engine, tem
     assert np.array_equal(np.stack(frames.frames), decoded)
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_uint8_frames_truncate_as_the_originals_numpy(dtype):
+    video = (torch.randn(2, 3, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * 0.7).to(dtype)
+    as_numpy = np.clip(video.float().numpy() * 0.5 + 0.5, 0, 1).transpose(0, 2, 3, 4, 1)
+    expected = (as_numpy * 255).astype(np.uint8)   # the original's post-processing
+    got = to_uint8_frames(video)
+    assert got.dtype == np.uint8 and got.shape == (2, 4, 8, 8, 3)
+    assert np.array_equal(got, expected) and 0 < (got == 0).sum() and 0 < (got == 255).sum()
+
+
+def test_prompts_and_negatives_are_encoded_in_one_pass(tiny_engine):
+    passes = []
+    hook = tiny_engine.text_encoder.register_forward_pre_hook(lambda module, args: passes.append(args[0].shape))
+    try:
+        context, uncond = tiny_engine.encode_prompts(['a cat', 'a dog'], ['', 'blurry'])
+    finally:
+        hook.remove()
+    separate = [tiny_engine.encode_text([text]) for text in ('a cat', 'a dog', '', 'blurry')]
+    assert passes == [(4, 77)]
+    assert max_diff(torch.cat([context, uncond]), torch.cat(separate)) < 1e-5
+    assert tiny_engine.encode_prompts(['a cat'])[1] is None
+
+
 def test_output_type_video_without_path_writes_a_temp_mp4(generate, temp_folder):
     result = generate(seed=9)
     assert [os.path.dirname(p) for p in result.paths] == [str(temp_folder)]
