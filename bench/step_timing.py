@@ -113,18 +113,22 @@ def with_cudnn_benchmark(make):
     return make()
 
 
-VARIANTS = {
-    'eager': lambda: unet,
-    'reduce-overhead': compiled,
-    'guidance-in-graph': lambda: torch.compile(guided(unet.to_channels_last(), 9.0, unc), dynamic=False,
+def guided_eps(model):
+    """Guidance around the model, outside its graph: the package's loop."""
+    return guided(model, 9.0, unc)
+
+
+VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
+    'eager': lambda: guided_eps(unet),
+    'reduce-overhead': lambda: guided_eps(compiled()),
+    'guidance-in-graph': lambda: torch.compile(guided_eps(unet.to_channels_last()), dynamic=False,
                                                options={'triton.cudagraphs': True}),
-    'freezing': lambda: compiled(freezing=True),
-    'freezing+cudnn-benchmark': lambda: with_cudnn_benchmark(lambda: compiled(freezing=True)),
-    'combo-kernels': lambda: compiled(combo_kernels=True),
-    'max-autotune': lambda: compiled(max_autotune=True, max_autotune_gemm_backends='ATEN,TRITON',
-                                     max_autotune_conv_backends='ATEN'),
+    'freezing': lambda: guided_eps(compiled(freezing=True)),
+    'freezing+cudnn-benchmark': lambda: with_cudnn_benchmark(lambda: guided_eps(compiled(freezing=True))),
+    'combo-kernels': lambda: guided_eps(compiled(combo_kernels=True)),
+    'max-autotune': lambda: guided_eps(compiled(max_autotune=True, max_autotune_gemm_backends='ATEN,TRITON',
+                                                max_autotune_conv_backends='ATEN')),
 }
 chosen = [name for name in sys.argv[1:] if name in VARIANTS] or ['eager', 'reduce-overhead']
 for name in chosen:   # eager first: to_channels_last changes the model for the variants after it
-    made = VARIANTS[name]()
-    report(name, made if name == 'guidance-in-graph' else guided(made, 9.0, unc))
+    report(name, VARIANTS[name]())
