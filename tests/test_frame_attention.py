@@ -1,30 +1,14 @@
 """The Triton temporal-attention kernel against SDPA.
 
-No GPU here: Triton's interpreter (TRITON_INTERPRET=1, read when the kernel is
-defined, hence a fresh process) runs the same kernel code with NumPy.
+No GPU here: Triton's interpreter runs the same kernel code with NumPy.
 """
 
-import os
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import torch
+from interpreted import run_interpreted
 
 from modelscope_t2v.models import frame_attention as fa
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def run_interpreted(code: str) -> str:
-    """Run `code` in a fresh Python with Triton's interpreter on; return its stdout."""
-    env = {**os.environ, 'TRITON_INTERPRET': '1',
-           'PYTHONPATH': os.pathsep.join([os.path.dirname(HERE), HERE, os.environ.get('PYTHONPATH', '')])}
-    done = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
 
 
 def test_kernel_equals_float32_attention():
