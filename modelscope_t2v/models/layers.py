@@ -8,7 +8,6 @@ from einops import rearrange
 from torch import nn
 
 from .frame_attention import multi_head_sdpa
-from .geglu_gemm import geglu
 
 # attend(q, k, v): (n, l, heads, d) queries, (n, m, heads, d) keys and values -> (n, l, heads, d)
 AttentionCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -51,14 +50,15 @@ class Attention(nn.Module):
 
 
 class GEGLU(nn.Module):
-    """Gated GELU projection (Shazeer 2020): x * gelu(gate), one kernel on CUDA (geglu_gemm.py)."""
+    """Gated GELU projection (Shazeer 2020): x * gelu(gate)."""
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
         self.proj = nn.Linear(dim, inner * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return geglu(x, self.proj.weight, self.proj.bias)
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
 
 
 class FeedForward(nn.Module):
