@@ -3,22 +3,39 @@
     python bench/step_timing.py            # GPU, real-size random UNet, fp16, 2 texts per video (guidance)
     python bench/step_timing.py tiny eager                         # CPU dry run
     python bench/step_timing.py reduce-overhead freezing           # only the named variants, in this order
+    python bench/step_timing.py --parallel reduce-overhead no-pdl  # each variant compiled in its own process at
+                                                                   # once, then timed one after another
 
-Variants: eager, reduce-overhead (the package's compiled path), guidance-in-graph (the same, with
-guidance's combination of the two eps inside the compiled graph), freezing (reduce-overhead with
-inductor's freezing: weights as constants, Q/K/V products concatenated), freezing+cudnn-benchmark,
-combo-kernels (inductor launches independent small kernels as one), max-autotune (inductor
-picks each GEMM from cuBLAS and Triton templates).
+Variants: eager, reduce-overhead (the package's compiled path, with programmatic dependent launch:
+on Hopper each Triton kernel starts while the one before it ends), no-pdl (without it),
+guidance-in-graph (guidance's combination of the two eps inside the compiled graph), freezing
+(inductor's freezing: weights as constants, Q/K/V products concatenated), freezing+cudnn-benchmark,
+cudnn-benchmark (cuDNN times its algorithms for each convolution), combo-kernels (inductor launches
+independent small kernels as one), max-autotune (inductor picks each GEMM from cuBLAS and Triton
+templates), no-split-reductions (each reduction in one kernel, not two), cooperative-reductions (one
+kernel whose blocks synchronise), multi-kernel (each reduction compiled two ways, the faster picked
+at run time), aggressive-fusion (inductor fuses kernels that share no input too),
+autotune-pointwise (inductor tries more block sizes for its own kernels). Each is reduce-overhead
+with the one change named.
+
+Compiling a variant takes minutes of CPU; with --parallel every variant compiles at once in its own
+process (its first-call seconds then count the others' load too), and the timings run one process
+at a time, in the order given, with the GPU to themselves.
 
 Prints per variant: first-call (compile) seconds, ms per guided eps (one UNet call with two texts
-and guidance's combination), ms per loop step, and from torch.profiler of 3 loop steps: GPU kernel
+and guidance's combination), ms per loop step, the host's ms per loop step (until the loop returns,
+the GPU not waited for) and the synchronising calls in a loop, and from torch.profiler of 3 loop steps: GPU kernel
 ms and launches per step, ms per kind of kernel, the 12 costliest kernels, the kernels the memsets
 follow, and the GPU's idle time.
 Dynamo's graph-break, recompile, CUDA-graph and performance-hint logs are on.
 """
 import collections
+import pathlib
+import subprocess
 import sys
+import tempfile
 import time
+import warnings
 
 import torch
 from measure import sync, timed
@@ -27,6 +44,7 @@ import modelscope_t2v.models.unet3d as unet3d
 from modelscope_t2v.config import FULL, TINY
 from modelscope_t2v.sampling import denoise, guided
 from modelscope_t2v.schedulers import make_scheduler
+from modelscope_t2v.text_to_video import compile_options
 
 torch._logging.set_logs(graph_breaks=True, recompiles=True, cudagraphs=True, perf_hints=True)
 torch._dynamo.config.cache_size_limit = 64
@@ -55,6 +73,7 @@ def report(name, eps_fn):
     eps_fn(x, t1, ctx)
     sync()
     first = time.perf_counter() - t0
+    wait_for_turn()
     for _ in range(3):
         eps_fn(x, t1, ctx)
     eps = wall(lambda: eps_fn(x, t1, ctx), 20)
@@ -65,11 +84,29 @@ def report(name, eps_fn):
           f'(t={time.perf_counter() - START:.0f} s)', flush=True)
     if dev != 'cuda':
         return
+    print_host_waits(loop)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         denoise(eps_fn, x, ctx, make_scheduler('ddim', cfg.diffusion), 3)
         sync()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     print_kernel_summary(kernels, steps=3)
+
+
+def print_host_waits(loop):
+    """Whether the host waits for the GPU in the loop: the seconds until the loop returns (close to
+    the GPU's only if something waits), and the synchronising calls torch's sync debug mode reports."""
+    sync()
+    t0 = time.perf_counter()
+    loop()
+    host = time.perf_counter() - t0
+    sync()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        loop()
+        torch.cuda.set_sync_debug_mode('default')
+    waits = collections.Counter(str(w.message)[:70] for w in caught)
+    print(f'   host ms per loop step {host / 50 * 1e3:.2f}; synchronising calls in a loop: {waits.most_common(3)}')
 
 
 def print_kernel_summary(kernels, steps):
@@ -104,8 +141,10 @@ def kernel_kind(name: str) -> str:
 
 
 def compiled(**options):
-    """The channels-last UNet compiled with CUDA graphs (mode 'reduce-overhead') and these inductor options."""
-    return torch.compile(unet.to_channels_last(), dynamic=False, options={'triton.cudagraphs': True, **options})
+    """The channels-last UNet compiled as the package compiles it (mode 'reduce-overhead'), with these
+    inductor options changed."""
+    return torch.compile(unet.to_channels_last(), dynamic=False,
+                         options={**compile_options('reduce-overhead'), **options})
 
 
 def with_cudnn_benchmark(make):
@@ -121,14 +160,60 @@ def guided_eps(model):
 VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'eager': lambda: guided_eps(unet),
     'reduce-overhead': lambda: guided_eps(compiled()),
+    'no-pdl': lambda: guided_eps(compiled(**{'triton.enable_pdl': False})),
     'guidance-in-graph': lambda: torch.compile(guided_eps(unet.to_channels_last()), dynamic=False,
-                                               options={'triton.cudagraphs': True}),
+                                               options=compile_options('reduce-overhead')),
     'freezing': lambda: guided_eps(compiled(freezing=True)),
     'freezing+cudnn-benchmark': lambda: with_cudnn_benchmark(lambda: guided_eps(compiled(freezing=True))),
+    'cudnn-benchmark': lambda: with_cudnn_benchmark(lambda: guided_eps(compiled())),
     'combo-kernels': lambda: guided_eps(compiled(combo_kernels=True)),
     'max-autotune': lambda: guided_eps(compiled(max_autotune=True, max_autotune_gemm_backends='ATEN,TRITON',
                                                 max_autotune_conv_backends='ATEN')),
+    'no-split-reductions': lambda: guided_eps(compiled(split_reductions=False)),
+    'cooperative-reductions': lambda: guided_eps(compiled(**{'triton.cooperative_reductions': True})),
+    'multi-kernel': lambda: guided_eps(compiled(**{'triton.multi_kernel': 1})),
+    'aggressive-fusion': lambda: guided_eps(compiled(aggressive_fusion=True)),
+    'autotune-pointwise': lambda: guided_eps(compiled(max_autotune_pointwise=True)),
 }
+
+
+def option(name):
+    """The value of a --name=value argument, or None."""
+    return next((arg.split('=', 1)[1] for arg in sys.argv if arg.startswith(f'--{name}=')), None)
+
+
+def wait_for_turn():
+    """In a --parallel child: say this variant is compiled, then wait for every variant compiled and the one
+    before this one timed, so that each times with the GPU and the CPU to itself."""
+    if option('turn') is None:
+        return
+    turns, turn, count = pathlib.Path(option('turn-dir')), int(option('turn')), int(option('of'))
+    (turns / f'compiled-{turn}').touch()
+    while len(list(turns.glob('compiled-*'))) < count or (turn and not (turns / f'timed-{turn - 1}').exists()):
+        time.sleep(0.5)
+
+
+def run_in_parallel(names):
+    """One child process per variant; print their outputs in order once all have finished."""
+    with tempfile.TemporaryDirectory() as turn_dir:
+        logs = [pathlib.Path(turn_dir, f'log-{i}') for i in range(len(names))]
+        children = [subprocess.Popen([sys.executable, __file__, name, *(['tiny'] if cfg is TINY else []),
+                                      f'--turn={i}', f'--of={len(names)}', f'--turn-dir={turn_dir}'],
+                                     stdout=log.open('w'), stderr=subprocess.STDOUT)
+                    for i, (name, log) in enumerate(zip(names, logs))]
+        for child, log in zip(children, logs):
+            child.wait()
+            print(log.read_text(), flush=True)
+
+
 chosen = [name for name in sys.argv[1:] if name in VARIANTS] or ['eager', 'reduce-overhead']
-for name in chosen:   # eager first: to_channels_last changes the model for the variants after it
-    report(name, VARIANTS[name]())
+if '--parallel' in sys.argv:
+    run_in_parallel(chosen)
+else:
+    try:
+        for name in chosen:   # eager first: to_channels_last changes the model for the variants after it
+            report(name, VARIANTS[name]())
+    finally:   # a --parallel child that failed lets the others go on
+        if option('turn') is not None:
+            for marker in ('compiled', 'timed'):
+                pathlib.Path(option('turn-dir'), f'{marker}-{option("turn")}').touch()

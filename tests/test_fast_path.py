@@ -16,6 +16,7 @@ from modelscope_t2v.config import TINY
 from modelscope_t2v.models.autoencoder import AutoencoderKL
 from modelscope_t2v.models.group_norm import GroupNorm, group_norm_per_channel_stats
 from modelscope_t2v.models.unet3d import TemporalConv, UNet3D, frame_conv_as_gemm, frame_major_weight
+from modelscope_t2v.text_to_video import TextToVideo, compile_mode, compile_options
 from reference import randomize_, rel_err
 
 TOLERANCE = 3e-5  # float32, the same products summed in another order (worst seen: 8e-6)
@@ -119,7 +120,7 @@ def test_every_linear_map_is_one_matrix_product(monkeypatch, channels_last):
 @pytest.mark.slow
 def test_compiled_channels_last_unet_equals_plain():
     plain, fast = _models()
-    compiled = torch.compile(fast, dynamic=False)  # inductor's CPU backend, as on the GPU but C++
+    compiled = torch.compile(fast, dynamic=False, options=compile_options('default'))  # inductor's CPU backend
     x, t, context = _inputs(frames=8, size=16)
     x, t = x[:1], t[:1]    # as guidance calls it: one video, two texts
     with torch.no_grad():
@@ -131,13 +132,25 @@ def test_compiled_channels_last_unet_equals_plain():
     assert max(errors) < TOLERANCE
 
 
+def test_compile_options_are_the_modes_with_programmatic_dependent_launch():
+    assert compile_options('reduce-overhead') == {'triton.cudagraphs': True, 'triton.enable_pdl': True}
+    assert compile_options('default') == {'triton.enable_pdl': True}
+    modes = [compile_mode(c) for c in (False, None, True, 'reduce-overhead')]
+    assert modes == [None, None, 'default', 'reduce-overhead']
+
+
+def test_unknown_compile_mode_is_refused_before_loading(tmp_path):
+    with pytest.raises(ValueError, match=r"compile='fast' is not a torch.compile mode.*'reduce-overhead'"):
+        TextToVideo.from_pretrained(str(tmp_path / 'no-model-here'), compile='fast')
+
+
 def test_compiled_decoder_keeps_keys_and_decodes_as_eager():
     autoencoder = randomize_(AutoencoderKL(TINY.autoencoder), 3).eval()
     keys = {k: v.clone() for k, v in autoencoder.state_dict().items()}
     latents = torch.randn(1, TINY.autoencoder.z_channels, 3, 8, 8, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         plain = autoencoder.decode_video(latents, 2)
-        autoencoder.compile_decoder()  # inductor's CPU backend; chunks of 2 and 1 frames: two graphs
+        autoencoder.compile_decoder(compile_options('default'))  # CPU backend; chunks of 2 and 1 frames: two graphs
         compiled = autoencoder.decode_video(latents, 2)
     after = autoencoder.state_dict()
     assert list(after) == list(keys) and all(torch.equal(after[k], v) for k, v in keys.items())
