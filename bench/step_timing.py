@@ -16,7 +16,8 @@ templates), no-split-reductions (each reduction in one kernel, not two), coopera
 kernel whose blocks synchronise), multi-kernel (each reduction compiled two ways, the faster picked
 at run time), aggressive-fusion (inductor fuses kernels that share no input too),
 autotune-pointwise (inductor tries more block sizes for its own kernels). Each is reduce-overhead
-with the one change named.
+with the one change named. Then one-graph and two-graphs (CUDA only): guided eps, guidance
+included, captured by hand as one CUDA graph or as two used in turn (see graphs_in_turn).
 
 Compiling a variant takes minutes of CPU; with --parallel every variant compiles at once in its own
 process (its first-call seconds then count the others' load too), and the timings run one process
@@ -30,6 +31,8 @@ follow, and the GPU's idle time.
 Dynamo's graph-break, recompile, CUDA-graph and performance-hint logs are on.
 """
 import collections
+import functools
+import itertools
 import pathlib
 import subprocess
 import sys
@@ -77,36 +80,54 @@ def report(name, eps_fn):
     for _ in range(3):
         eps_fn(x, t1, ctx)
     eps = wall(lambda: eps_fn(x, t1, ctx), 20)
-    loop = lambda: denoise(eps_fn, x, ctx, make_scheduler('ddim', cfg.diffusion), 50)  # noqa: E731
+    loop = functools.partial(ddim_loop, eps_fn, 50)
     loop()
     per_step = wall(loop, 2) / 50
     print(f'{name:40} first {first:7.1f} s  guided eps {eps * 1e3:6.2f} ms  loop/step {per_step * 1e3:6.2f} ms  '
           f'(t={time.perf_counter() - START:.0f} s)', flush=True)
     if dev != 'cuda':
         return
-    print_host_waits(loop)
+    print_host_waits(eps_fn)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        denoise(eps_fn, x, ctx, make_scheduler('ddim', cfg.diffusion), 3)
+        ddim_loop(eps_fn, 3)
         sync()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     print_kernel_summary(kernels, steps=3)
 
 
-def print_host_waits(loop):
+def ddim_loop(eps_fn, steps):
+    """The package's denoising loop, DDIM, from x."""
+    return denoise(eps_fn, x, ctx, make_scheduler('ddim', cfg.diffusion), steps)
+
+
+def print_host_waits(eps_fn):
     """Whether the host waits for the GPU in the loop: the seconds until the loop returns (close to
-    the GPU's only if something waits), and the synchronising calls torch's sync debug mode reports."""
+    the GPU's only if something waits), the synchronising calls torch's sync debug mode reports, and
+    the host's costliest CUDA runtime calls in a profiled 10-step loop."""
     sync()
     t0 = time.perf_counter()
-    loop()
+    ddim_loop(eps_fn, 50)
     host = time.perf_counter() - t0
     sync()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         torch.cuda.set_sync_debug_mode('warn')
-        loop()
+        ddim_loop(eps_fn, 50)
         torch.cuda.set_sync_debug_mode('default')
     waits = collections.Counter(str(w.message)[:70] for w in caught)
     print(f'   host ms per loop step {host / 50 * 1e3:.2f}; synchronising calls in a loop: {waits.most_common(3)}')
+    steps = 10
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ddim_loop(eps_fn, steps)
+        sync()
+    runtime = collections.defaultdict(list)   # the host's CUDA runtime and driver calls: where it blocks
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CPU and event.name.startswith('cu'):
+            runtime[event.name].append(event.time_range.elapsed_us())
+    top = sorted(runtime.items(), key=lambda item: -sum(item[1]))[:6]
+    print('   host CUDA calls per loop step (ms, count):',
+          [(name, round(sum(us) / steps / 1e3, 2), len(us) // steps) for name, us in top])
 
 
 def print_kernel_summary(kernels, steps):
@@ -157,6 +178,41 @@ def guided_eps(model):
     return guided(model, 9.0, unc)
 
 
+def graphs_in_turn(copies):
+    """Guided eps replayed from `copies` CUDA graphs captured by hand (CUDA only), used in turn.
+
+    The UNet compiled in mode 'default' (no CUDA graphs of inductor's own), guidance around it, and
+    each copy captured with the same static inputs and one shared memory pool. With one copy each
+    launch of the graph waits on the host for the graph's previous run (cudaGraphLaunch took
+    15 ms of each step's host time on an H200); with two, a launch finds its graph idle.
+    A copy's eps is overwritten `copies` steps later: the loop has used it by then.
+    """
+    eps_fn = guided_eps(torch.compile(unet.to_channels_last(), dynamic=False, options=compile_options('default')))
+    inputs = (x.clone(), t1.clone(), ctx.clone())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):   # compile and warm up off the stream that will be captured
+        for _ in range(3):
+            eps_fn(*inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graphs, outputs, pool = [], [], None
+    for _ in range(copies):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs.append(eps_fn(*inputs))
+        graphs.append(graph)
+        pool = graph.pool()
+    turns = itertools.count()
+
+    def replay(x_now, t_now, context):
+        turn = next(turns) % copies
+        for static, value in zip(inputs, (x_now, t_now, context)):
+            static.copy_(value)
+        graphs[turn].replay()
+        return outputs[turn]
+    return replay
+
+
 VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'eager': lambda: guided_eps(unet),
     'reduce-overhead': lambda: guided_eps(compiled()),
@@ -174,6 +230,8 @@ VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'multi-kernel': lambda: guided_eps(compiled(**{'triton.multi_kernel': 1})),
     'aggressive-fusion': lambda: guided_eps(compiled(aggressive_fusion=True)),
     'autotune-pointwise': lambda: guided_eps(compiled(max_autotune_pointwise=True)),
+    'one-graph': lambda: graphs_in_turn(1),
+    'two-graphs': lambda: graphs_in_turn(2),
 }
 
 
