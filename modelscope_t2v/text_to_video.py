@@ -223,10 +223,14 @@ def compile_mode(compile) -> Optional[str]:
 
 
 def compile_options(mode: str) -> dict:
-    """The inductor options of torch.compile's `mode`, and programmatic dependent launch: on Hopper and
-    newer each Triton kernel starts while the kernel before it ends (-0.3 ms a guided step on an H200)."""
+    """The inductor options of torch.compile's `mode`, and programmatic dependent launch where this
+    torch has it: on Hopper and newer each Triton kernel starts while the kernel before it ends
+    (-0.3 ms a guided step on an H200); other GPUs ignore it."""
     import torch._inductor
-    return {**torch._inductor.list_mode_options(mode), 'triton.enable_pdl': True}
+    options = dict(torch._inductor.list_mode_options(mode))
+    if hasattr(torch._inductor.config.triton, 'enable_pdl'):   # torch 2.11 has it
+        options['triton.enable_pdl'] = True
+    return options
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
