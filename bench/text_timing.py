@@ -3,8 +3,8 @@
     python bench/text_timing.py        # GPU, real-size random OpenCLIP text tower, float16
 
 Prints per variant: first-call seconds (compile), the median milliseconds of an encoding,
-and its largest difference from the eager encoding. The eager tower launches ~400 small
-kernels, so the host sets its time; under CUDA graphs ('reduce-overhead') one launch replays them.
+and its largest difference from the eager encoding. The eager tower launches a few hundred
+small kernels one by one from the host; under CUDA graphs ('reduce-overhead') one launch replays them.
 """
 import time
 
