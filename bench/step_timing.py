@@ -15,8 +15,8 @@ independent small kernels as one), max-autotune (inductor picks each GEMM from c
 templates), no-split-reductions (each reduction in one kernel, not two), cooperative-reductions (one
 kernel whose blocks synchronise), multi-kernel (each reduction compiled two ways, the faster picked
 at run time), aggressive-fusion (inductor fuses kernels that share no input too),
-autotune-pointwise (inductor tries more block sizes for its own kernels). Each is reduce-overhead
-with the one change named. Then one-graph and two-graphs (CUDA only): guided eps, guidance
+autotune-pointwise (inductor tries more block sizes for its own kernels), no-cudagraph-trees
+(inductor's older, plainer CUDA-graph wrapper). Each is reduce-overhead with the one change named. Then one-graph and two-graphs (CUDA only): guided eps, guidance
 included, captured by hand as one CUDA graph or as two used in turn (see graphs_in_turn).
 
 Compiling a variant takes minutes of CPU; with --parallel every variant compiles at once in its own
@@ -25,7 +25,8 @@ at a time, in the order given, with the GPU to themselves.
 
 Prints per variant: first-call (compile) seconds, ms per guided eps (one UNet call with two texts
 and guidance's combination), ms per loop step, the host's ms per loop step (until the loop returns,
-the GPU not waited for) and the synchronising calls in a loop, and from torch.profiler of 3 loop steps: GPU kernel
+the GPU not waited for) and the synchronising calls in a loop, the host's ms for one call with the
+GPU idle, the GPU's ms per step along a 50-step loop (CUDA events), and from torch.profiler of 3 loop steps: GPU kernel
 ms and launches per step, ms per kind of kernel, the 12 costliest kernels, the kernels the memsets
 follow, and the GPU's idle time.
 Dynamo's graph-break, recompile, CUDA-graph and performance-hint logs are on.
@@ -88,6 +89,7 @@ def report(name, eps_fn):
     if dev != 'cuda':
         return
     print_host_waits(eps_fn)
+    print_step_times(eps_fn)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         ddim_loop(eps_fn, 3)
         sync()
@@ -128,6 +130,43 @@ def print_host_waits(eps_fn):
     top = sorted(runtime.items(), key=lambda item: -sum(item[1]))[:6]
     print('   host CUDA calls per loop step (ms, count):',
           [(name, round(sum(us) / steps / 1e3, 2), len(us) // steps) for name, us in top])
+
+
+def print_step_times(eps_fn):
+    """Where a loop's fixed cost goes: the host's ms for one guided eps call with the GPU idle (all
+    of it exposed when it starts a loop), then the GPU's time per step across one 50-step loop from
+    CUDA events before each call and after each step. The events before the first call measure the
+    host's set-up; a slow first step is a fixed cost per generation; a rise along the loop is the GPU
+    slowing down (clocks under its power limit)."""
+    host = []
+    for _ in range(10):
+        sync()
+        t0 = time.perf_counter()
+        eps_fn(x, t1, ctx)
+        host.append(time.perf_counter() - t0)
+    sync()
+    print(f'   host ms per guided eps call, GPU idle: median {sorted(host)[5] * 1e3:.2f}, min {min(host) * 1e3:.2f}')
+    event = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
+    start, befores, ends = event(), [], []
+
+    def eps_after_event(*args):
+        befores.append(event())
+        befores[-1].record()
+        return eps_fn(*args)
+
+    def record(step, timestep, latents):
+        ends.append(event())
+        ends[-1].record()
+    start.record()
+    denoise(eps_after_event, x, ctx, make_scheduler('ddim', cfg.diffusion), 50, callback=record)
+    sync()
+    ms = [start.elapsed_time(ends[0])] + [a.elapsed_time(b) for a, b in zip(ends, ends[1:])]
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    print(f'   GPU ms per step in a 50-step loop: whole loop {start.elapsed_time(ends[-1]):.1f}, '
+          f'to the first call {start.elapsed_time(befores[0]):.2f}, first step {ms[0]:.2f} '
+          f'(its call to its end {befores[0].elapsed_time(ends[0]):.2f}), steps 2-10 {mean(ms[1:10]):.2f}, '
+          f'11-25 {mean(ms[10:25]):.2f}, 26-40 {mean(ms[25:40]):.2f}, 41-50 {mean(ms[40:]):.2f}, '
+          f'min {min(ms):.2f}, max {max(ms):.2f}')
 
 
 def print_kernel_summary(kernels, steps):
@@ -230,6 +269,7 @@ VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'multi-kernel': lambda: guided_eps(compiled(**{'triton.multi_kernel': 1})),
     'aggressive-fusion': lambda: guided_eps(compiled(aggressive_fusion=True)),
     'autotune-pointwise': lambda: guided_eps(compiled(max_autotune_pointwise=True)),
+    'no-cudagraph-trees': lambda: guided_eps(compiled(**{'triton.cudagraph_trees': False})),
     'one-graph': lambda: graphs_in_turn(1),
     'two-graphs': lambda: graphs_in_turn(2),
 }

@@ -27,7 +27,7 @@ with torch.no_grad():
 def report(name, encode):
     start = time.perf_counter()
     with torch.no_grad():
-        out = encode(tokens)
+        out = encode(tokens).clone()   # a CUDA graph's output is overwritten by its next replay
         sync()
         first = time.perf_counter() - start
         seconds = median_time(lambda: encode(tokens), 50)

@@ -75,11 +75,9 @@ class TextToVideo:
         """Build the networks of `model_dir` from its files (strictly) onto the device.
 
         compile: False, True or a torch.compile mode (COMPILE_MODES; True is
-            'default'). On CUDA the UNet switches to channels-last with its
-            temporal convs as GEMMs and is compiled in that mode, the autoencoder's
-            decoder in mode 'default', both with programmatic dependent launch
-            (compile_options): minutes once per process (less with inductor's
-            on-disk cache warm), then about 2x faster per generation.
+            'default'). On CUDA, compile_networks(mode): minutes once per process
+            (less with inductor's on-disk cache warm), then about 2x faster per
+            generation.
         low_memory: keep the text encoder and autoencoder on the CPU between their
             uses and decode one frame at a time (docs/benchmarks.md: peak memory).
         half_cache: True or a folder: read the weights from a float16/bfloat16
@@ -97,9 +95,18 @@ class TextToVideo:
             networks = weights.load_networks(model_dir, config)
         engine = cls(config, *networks, model_dir=model_dir, device=device, dtype=dtype, low_memory=low_memory)
         if mode and engine.device.type == 'cuda':
-            engine.unet = torch.compile(engine.unet.to_channels_last(), options=compile_options(mode), dynamic=False)
-            engine.autoencoder.compile_decoder(compile_options('default'))
+            engine.compile_networks(mode)
         return engine
+
+    def compile_networks(self, mode: str) -> None:
+        """torch.compile the networks in place (from_pretrained's compile=), with programmatic dependent launch
+        (compile_options): the UNet channels-last, its temporal convs as GEMMs, in `mode`; the text encoder in
+        `mode` too, unless low_memory (a CUDA graph would record again each time its weights come back from
+        the CPU); the autoencoder's decoder in mode 'default'. Checkpoint keys are unchanged."""
+        self.unet = torch.compile(self.unet.to_channels_last(), options=compile_options(mode), dynamic=False)
+        self.autoencoder.compile_decoder(compile_options('default'))
+        if not self.low_memory:
+            self.text_encoder.compile(dynamic=False, options=compile_options(mode))
 
     @torch.no_grad()
     def encode_prompts(self, prompts, negatives=None) -> tuple:
@@ -121,7 +128,7 @@ class TextToVideo:
                                count, n, prompt)
         tokens = tokenizer.tokenize(list(prompts), context_length=n).to(self.device)
         with self.on_device(self.text_encoder) as text_encoder:
-            return text_encoder(tokens)
+            return text_encoder(tokens).clone()   # compiled with CUDA graphs, the output is the graph's, reused
 
     @contextlib.contextmanager
     def on_device(self, module: torch.nn.Module):

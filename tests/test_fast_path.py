@@ -7,6 +7,7 @@ rewritten arithmetic and the compiled graph compute what the plain path does.
 import collections
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from modelscope_t2v.config import TINY
 from modelscope_t2v.models.autoencoder import AutoencoderKL
 from modelscope_t2v.models.group_norm import GroupNorm, group_norm_per_channel_stats
 from modelscope_t2v.models.unet3d import TemporalConv, UNet3D, frame_conv_as_gemm, frame_major_weight
+from modelscope_t2v import parse_request
 from modelscope_t2v.text_to_video import TextToVideo, compile_mode, compile_options
 from reference import randomize_, rel_err
 
@@ -157,3 +159,20 @@ def test_compiled_decoder_keeps_keys_and_decodes_as_eager():
     err = rel_err(compiled, plain)
     print(f'compiled channels-last decoder against eager: worst relative error {err:.2e}')
     assert compiled.shape == plain.shape and err < TOLERANCE
+
+
+def test_compiled_networks_generate_the_frames_of_the_plain_engine(tiny_model_dir, tiny_engine):
+    """compile_networks as from_pretrained applies it on CUDA, here with inductor's CPU backend: the text
+    encoder, the channels-last UNet and the decoder compiled give the plain engine's frames, within one
+    uint8 level (float32 sums in another order), and keep their checkpoint keys."""
+    engine = TextToVideo.from_pretrained(tiny_model_dir, device='cpu')
+    keys = {name: list(getattr(engine, name).state_dict()) for name in ('text_encoder', 'autoencoder')}
+    engine.compile_networks('default')
+    assert {name: list(getattr(engine, name).state_dict()) for name in keys} == keys
+    small = {'num_frames': 4, 'height': 64, 'width': 64, 'num_inference_steps': 3, 'seed': 7, 'output_type': 'frames'}
+    request = {'text': 'a panda playing the guitar'}
+    got = engine(parse_request(request, engine.config, **small)).frames[0].astype(int)
+    expected = tiny_engine(parse_request(request, tiny_engine.config, **small)).frames[0].astype(int)
+    print(f'compiled engine against plain: {np.count_nonzero(got != expected)} of {got.size} uint8 values differ')
+    assert got.shape == expected.shape == (4, 64, 64, 3)
+    assert np.abs(got - expected).max() <= 1
