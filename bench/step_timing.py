@@ -16,8 +16,9 @@ templates), no-split-reductions (each reduction in one kernel, not two), coopera
 kernel whose blocks synchronise), multi-kernel (each reduction compiled two ways, the faster picked
 at run time), aggressive-fusion (inductor fuses kernels that share no input too),
 autotune-pointwise (inductor tries more block sizes for its own kernels), no-cudagraph-trees
-(inductor's older, plainer CUDA-graph wrapper). Each is reduce-overhead with the one change named. Then one-graph and two-graphs (CUDA only): guided eps, guidance
-included, captured by hand as one CUDA graph or as two used in turn (see graphs_in_turn).
+(inductor's older, plainer CUDA-graph wrapper). Each is reduce-overhead with the one change
+named. Then one-graph and two-graphs (CUDA only): guided eps, guidance included, captured by hand
+as one CUDA graph or as two used in turn (see graphs_in_turn).
 
 Compiling a variant takes minutes of CPU; with --parallel every variant compiles at once in its own
 process (its first-call seconds then count the others' load too), and the timings run one process
@@ -221,10 +222,10 @@ def graphs_in_turn(copies):
     """Guided eps replayed from `copies` CUDA graphs captured by hand (CUDA only), used in turn.
 
     The UNet compiled in mode 'default' (no CUDA graphs of inductor's own), guidance around it, and
-    each copy captured with the same static inputs and one shared memory pool. With one copy each
-    launch of the graph waits on the host for the graph's previous run (cudaGraphLaunch took
-    15 ms of each step's host time on an H200); with two, a launch finds its graph idle.
-    A copy's eps is overwritten `copies` steps later: the loop has used it by then.
+    each copy captured with the same static inputs and one shared memory pool. The test of whether
+    a launch waits for its graph's previous run: on an H200 two copies gave the same step as one
+    (docs/benchmarks.md, 23:23 run). A copy's eps is overwritten `copies` steps later: the loop
+    has used it by then.
     """
     eps_fn = guided_eps(torch.compile(unet.to_channels_last(), dynamic=False, options=compile_options('default')))
     inputs = (x.clone(), t1.clone(), ctx.clone())
