@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from modelscope_t2v import parse_request
 from modelscope_t2v.config import TINY
 from modelscope_t2v.models.autoencoder import AutoencoderKL
 from modelscope_t2v.models.group_norm import GroupNorm, group_norm_per_channel_stats
 from modelscope_t2v.models.unet3d import TemporalConv, UNet3D, frame_conv_as_gemm, frame_major_weight
-from modelscope_t2v import parse_request
 from modelscope_t2v.text_to_video import TextToVideo, compile_mode, compile_options
 from reference import randomize_, rel_err
 
