@@ -16,8 +16,9 @@ templates), no-split-reductions (each reduction in one kernel, not two), coopera
 kernel whose blocks synchronise), multi-kernel (each reduction compiled two ways, the faster picked
 at run time), aggressive-fusion (inductor fuses kernels that share no input too),
 autotune-pointwise (inductor tries more block sizes for its own kernels), no-cudagraph-trees
-(inductor's older, plainer CUDA-graph wrapper). Each is reduce-overhead with the one change
-named. Then one-graph and two-graphs (CUDA only): guided eps, guidance included, captured by hand
+(inductor's older, plainer CUDA-graph wrapper), concat-taps (each temporal conv as one GEMM
+over frames t-1, t, t+1 side by side: frame_conv_concat_taps). Each is reduce-overhead with the
+one change named. Then one-graph and two-graphs (CUDA only): guided eps, guidance included, captured by hand
 as one CUDA graph or as two used in turn (see graphs_in_turn).
 
 Compiling a variant takes minutes of CPU; with --parallel every variant compiles at once in its own
@@ -43,6 +44,7 @@ import time
 import warnings
 
 import torch
+import torch.nn.functional as F
 from measure import sync, timed
 
 import modelscope_t2v.models.unet3d as unet3d
@@ -253,6 +255,45 @@ def graphs_in_turn(copies):
     return replay
 
 
+def frame_conv_concat_taps(x, conv):
+    """unet3d.frame_conv_as_gemm another way: frames t-1, t, t+1 side by side as one input of 3 c channels
+    (written once, by the kernel that applies the GroupNorm and SiLU before it), then one GEMM with
+    K = 3 c that writes the output; no 3 co intermediate read back by a frame-shifted sum.
+    x: (b, c, f, h, w) channels-last; the weight stored by store_tap_columns."""
+    rows = x.permute(0, 2, 3, 4, 1)                                           # (b, f, h, w, c)
+    before = F.pad(rows[:, :-1], (0, 0, 0, 0, 0, 0, 1, 0))                   # frame t-1, zeros at t = 0
+    after = F.pad(rows[:, 1:], (0, 0, 0, 0, 0, 0, 0, 1))                     # frame t+1, zeros at the end
+    weight = conv.weight.permute(0, 2, 1, 3, 4).reshape(conv.out_channels, -1)  # (co, 3 ci), a view
+    out = unet3d.linear_as_one_gemm(torch.cat([before, rows, after], -1), weight, conv.bias)
+    return out.permute(0, 4, 1, 2, 3)                                          # (b, co, f, h, w)
+
+
+def store_tap_columns(conv):
+    """The (co, ci, 3, 1, 1) weight stored as (co, 3, ci), so frame_conv_concat_taps reads it in place."""
+    conv.weight.data = conv.weight.data.permute(0, 2, 1, 3, 4).contiguous().permute(0, 2, 1, 3, 4)
+
+
+def concat_taps():
+    """The package's compiled path with frame_conv_concat_taps for every temporal conv, checked against
+    the package's GEMM on one stage first. Patches unet3d for the rest of the process: give it alone or
+    with --parallel."""
+    unet.to_channels_last()
+    convs = [m.conv1[-1] for m in unet.modules() if isinstance(m, unet3d.TemporalConv)]
+    probe = torch.randn(2, convs[0].in_channels, 16, 8, 8, device=dev, dtype=dtype)
+    probe = probe.contiguous(memory_format=torch.channels_last_3d)
+    expected = unet3d.frame_conv_as_gemm(probe, convs[0])
+    for module in unet.modules():
+        if isinstance(module, unet3d.TemporalConv):
+            for stage in (module.conv1, module.conv2, module.conv3, module.conv4):
+                store_tap_columns(stage[-1])
+    got = frame_conv_concat_taps(probe, convs[0])
+    err = ((got - expected).abs().max() / expected.abs().max()).item()
+    print(f'concat-taps against the package\'s temporal GEMM: max rel diff {err:.1e}', flush=True)
+    assert err < 1e-2, err
+    unet3d.frame_conv_as_gemm = frame_conv_concat_taps
+    return guided_eps(compiled())
+
+
 VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'eager': lambda: guided_eps(unet),
     'reduce-overhead': lambda: guided_eps(compiled()),
@@ -271,6 +312,7 @@ VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'aggressive-fusion': lambda: guided_eps(compiled(aggressive_fusion=True)),
     'autotune-pointwise': lambda: guided_eps(compiled(max_autotune_pointwise=True)),
     'no-cudagraph-trees': lambda: guided_eps(compiled(**{'triton.cudagraph_trees': False})),
+    'concat-taps': concat_taps,
     'one-graph': lambda: graphs_in_turn(1),
     'two-graphs': lambda: graphs_in_turn(2),
 }
