@@ -286,12 +286,14 @@ def concat_taps():
         if isinstance(module, unet3d.TemporalConv):
             for stage in (module.conv1, module.conv2, module.conv3, module.conv4):
                 store_tap_columns(stage[-1])
+    assert convs[0].weight.permute(0, 2, 1, 3, 4).is_contiguous()   # the GEMM reads it in place
     got = frame_conv_concat_taps(probe, convs[0])
     err = ((got - expected).abs().max() / expected.abs().max()).item()
     print(f'concat-taps against the package\'s temporal GEMM: max rel diff {err:.1e}', flush=True)
     assert err < 1e-2, err
     unet3d.frame_conv_as_gemm = frame_conv_concat_taps
-    return guided_eps(compiled())
+    # compiled() would run to_channels_last again, storing the weights frame-major (a copy per call here)
+    return guided_eps(torch.compile(unet, dynamic=False, options=compile_options('reduce-overhead')))
 
 
 VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
