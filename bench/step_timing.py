@@ -17,20 +17,23 @@ kernel whose blocks synchronise), multi-kernel (each reduction compiled two ways
 at run time), aggressive-fusion (inductor fuses kernels that share no input too),
 autotune-pointwise (inductor tries more block sizes for its own kernels), no-cudagraph-trees
 (inductor's older, plainer CUDA-graph wrapper), concat-taps (each temporal conv as one GEMM
-over frames t-1, t, t+1 side by side: frame_conv_concat_taps). Each is reduce-overhead with the
-one change named. Then one-graph and two-graphs (CUDA only): guided eps, guidance included, captured by hand
-as one CUDA graph or as two used in turn (see graphs_in_turn).
+over frames t-1, t, t+1 side by side: frame_conv_concat_taps), fp16-accumulation (cuBLAS sums
+its products in fp16: less work per product, less exact), cublaslt (cuBLASLt's choice of GEMM
+kernels). Each is reduce-overhead with the one change named. Then one-graph and two-graphs (CUDA
+only): guided eps, guidance included, captured by hand as one CUDA graph or as two used in turn (see
+graphs_in_turn).
 
 Compiling a variant takes minutes of CPU; with --parallel every variant compiles at once in its own
 process (its first-call seconds then count the others' load too), and the timings run one process
 at a time, in the order given, with the GPU to themselves.
 
-Prints per variant: first-call (compile) seconds, ms per guided eps (one UNet call with two texts
-and guidance's combination), ms per loop step, the host's ms per loop step (until the loop returns,
-the GPU not waited for) and the synchronising calls in a loop, the host's ms for one call with the
-GPU idle, the GPU's ms per step along a 50-step loop (CUDA events), and from torch.profiler of 3 loop steps: GPU kernel
-ms and launches per step, ms per kind of kernel, the 12 costliest kernels, the kernels the memsets
-follow, and the GPU's idle time.
+Prints per variant: first-call (compile) seconds, the guided eps's max |difference| / max |eager
+eps|, ms per guided eps (one UNet call with two texts and guidance's combination), ms per loop step,
+the host's ms per loop step (until the loop returns, the GPU not waited for) and the synchronising
+calls in a loop, the host's ms for one call with the GPU idle, the GPU's ms per step along a 50-step
+loop (CUDA events), and from torch.profiler of 3 loop steps: GPU kernel ms and launches per step, ms
+per kind of kernel, the 12 costliest kernels, the kernels the memsets follow, and the GPU's idle
+time.
 Dynamo's graph-break, recompile, CUDA-graph and performance-hint logs are on.
 """
 import collections
@@ -74,12 +77,14 @@ def wall(fn, n):
     return timed(lambda: [fn() for _ in range(n)])[1] / n
 
 
-def report(name, eps_fn):
-    """eps_fn(x, t, context) -> guided eps: time its first call, calls, loop steps, and profile 3 steps."""
+def report(name, eps_fn, reference):
+    """eps_fn(x, t, context) -> guided eps: time its first call, compare it with `reference` (the eager
+    guided eps), time calls and loop steps, and profile 3 steps."""
     t0 = time.perf_counter()
     eps_fn(x, t1, ctx)
     sync()
     first = time.perf_counter() - t0
+    error = ((eps_fn(x, t1, ctx).float() - reference).abs().max() / reference.abs().max()).item()
     wait_for_turn()
     for _ in range(3):
         eps_fn(x, t1, ctx)
@@ -87,7 +92,8 @@ def report(name, eps_fn):
     loop = functools.partial(ddim_loop, eps_fn, 50)
     loop()
     per_step = wall(loop, 2) / 50
-    print(f'{name:40} first {first:7.1f} s  guided eps {eps * 1e3:6.2f} ms  loop/step {per_step * 1e3:6.2f} ms  '
+    print(f'{name:40} first {first:7.1f} s  rel diff {error:.1e}  guided eps {eps * 1e3:6.2f} ms  '
+          f'loop/step {per_step * 1e3:6.2f} ms  '
           f'(t={time.perf_counter() - START:.0f} s)', flush=True)
     if dev != 'cuda':
         return
@@ -215,6 +221,16 @@ def with_cudnn_benchmark(make):
     return make()
 
 
+def with_fp16_accumulation(make):
+    torch.backends.cuda.matmul.allow_fp16_accumulation = True
+    return make()
+
+
+def with_cublaslt(make):
+    torch.backends.cuda.preferred_blas_library('cublaslt')
+    return make()
+
+
 def guided_eps(model):
     """Guidance around the model, outside its graph: the package's loop."""
     return guided(model, 9.0, unc)
@@ -315,6 +331,8 @@ VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'autotune-pointwise': lambda: guided_eps(compiled(max_autotune_pointwise=True)),
     'no-cudagraph-trees': lambda: guided_eps(compiled(**{'triton.cudagraph_trees': False})),
     'concat-taps': concat_taps,
+    'fp16-accumulation': lambda: with_fp16_accumulation(lambda: guided_eps(compiled())),
+    'cublaslt': lambda: with_cublaslt(lambda: guided_eps(compiled())),
     'one-graph': lambda: graphs_in_turn(1),
     'two-graphs': lambda: graphs_in_turn(2),
 }
@@ -354,8 +372,9 @@ if '--parallel' in sys.argv:
     run_in_parallel(chosen)
 else:
     try:
+        eager_eps = guided_eps(unet)(x, t1, ctx).float()   # before any variant changes the model or a setting
         for name in chosen:   # eager first: to_channels_last changes the model for the variants after it
-            report(name, VARIANTS[name]())
+            report(name, VARIANTS[name](), eager_eps)
     finally:   # a --parallel child that failed lets the others go on
         if option('turn') is not None:
             for marker in ('compiled', 'timed'):
