@@ -17,7 +17,9 @@ kernel whose blocks synchronise), multi-kernel (each reduction compiled two ways
 at run time), aggressive-fusion (inductor fuses kernels that share no input too),
 autotune-pointwise (inductor tries more block sizes for its own kernels), no-cudagraph-trees
 (inductor's older, plainer CUDA-graph wrapper), concat-taps (each temporal conv as one GEMM
-over frames t-1, t, t+1 side by side: frame_conv_concat_taps), fp16-accumulation (cuBLAS sums
+over frames t-1, t, t+1 side by side: frame_conv_concat_taps), conv2d-taps (each temporal conv as a
+cuDNN (3, 1) Conv2d over frames and pixels: frame_conv_as_conv2d), conv3d-taps (the plain Conv3d on
+channels-last activations), fp16-accumulation (cuBLAS sums
 its products in fp16: less work per product, less exact), cublaslt (cuBLASLt's choice of GEMM
 kernels). Each is reduce-overhead with the one change named. Then one-graph and two-graphs (CUDA
 only): guided eps, guidance included, captured by hand as one CUDA graph or as two used in turn (see
@@ -312,6 +314,49 @@ def concat_taps():
     return guided_eps(torch.compile(unet, dynamic=False, options=compile_options('reduce-overhead')))
 
 
+def frame_conv_as_conv2d(x, conv):
+    """unet3d.frame_conv_as_gemm as a (3, 1) Conv2d over (frames, pixels): x (b, c, f, h, w) channels-last
+    viewed as (b, c, f, h w) without a copy; cuDNN's implicit GEMM sums the three taps itself, so no 3 co
+    intermediate is written and read back. The weight: conv.conv2d_weight (store_conv2d_weight)."""
+    b, c, f, h, w = x.shape
+    out = F.conv2d(x.reshape(b, c, f, h * w), conv.conv2d_weight, conv.bias, padding=(1, 0))
+    return out.view(b, -1, f, h, w)
+
+
+def store_conv2d_weight(conv):
+    """A (co, ci, 3, 1) channels-last copy of the (co, ci, 3, 1, 1) weight, outside the state dict."""
+    weight = conv.weight.detach()[..., 0].contiguous(memory_format=torch.channels_last)
+    conv.register_buffer('conv2d_weight', weight, persistent=False)
+
+
+def temporal_convs_as(kind):
+    """The package's compiled path with every temporal conv run by cuDNN: kind 'conv2d' (frame_conv_as_conv2d,
+    checked against the package's GEMM on one stage first) or 'conv3d' (the plain Conv3d on channels-last
+    activations, its weight channels-last too). 'conv2d' patches unet3d for the rest of the process: give
+    it alone or with --parallel."""
+    unet.to_channels_last()
+    stages = [stage[-1] for module in unet.modules() if isinstance(module, unet3d.TemporalConv)
+              for stage in (module.conv1, module.conv2, module.conv3, module.conv4)]
+    if kind == 'conv2d':
+        for conv in stages:
+            store_conv2d_weight(conv)
+        probe = torch.randn(2, stages[0].in_channels, 16, 8, 8, device=dev, dtype=dtype)
+        probe = probe.contiguous(memory_format=torch.channels_last_3d)
+        expected = unet3d.frame_conv_as_gemm(probe, stages[0])
+        got = frame_conv_as_conv2d(probe, stages[0])
+        err = ((got - expected).abs().max() / expected.abs().max()).item()
+        print(f'conv2d-taps against the package\'s temporal GEMM: max rel diff {err:.1e}', flush=True)
+        assert err < 1e-2, err
+        unet3d.frame_conv_as_gemm = frame_conv_as_conv2d
+    else:
+        for module in unet.modules():
+            if isinstance(module, unet3d.TemporalConv):
+                module.as_gemm = False
+        for conv in stages:
+            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    return guided_eps(torch.compile(unet, dynamic=False, options=compile_options('reduce-overhead')))
+
+
 VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'eager': lambda: guided_eps(unet),
     'reduce-overhead': lambda: guided_eps(compiled()),
@@ -331,6 +376,8 @@ VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'autotune-pointwise': lambda: guided_eps(compiled(max_autotune_pointwise=True)),
     'no-cudagraph-trees': lambda: guided_eps(compiled(**{'triton.cudagraph_trees': False})),
     'concat-taps': concat_taps,
+    'conv2d-taps': lambda: temporal_convs_as('conv2d'),
+    'conv3d-taps': lambda: temporal_convs_as('conv3d'),
     'fp16-accumulation': lambda: with_fp16_accumulation(lambda: guided_eps(compiled())),
     'cublaslt': lambda: with_cublaslt(lambda: guided_eps(compiled())),
     'one-graph': lambda: graphs_in_turn(1),
