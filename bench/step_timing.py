@@ -19,7 +19,8 @@ autotune-pointwise (inductor tries more block sizes for its own kernels), no-cud
 (inductor's older, plainer CUDA-graph wrapper), concat-taps (each temporal conv as one GEMM
 over frames t-1, t, t+1 side by side: frame_conv_concat_taps), conv2d-taps (each temporal conv as a
 cuDNN (3, 1) Conv2d over frames and pixels: frame_conv_as_conv2d), conv3d-taps (the plain Conv3d on
-channels-last activations), fp16-accumulation (cuBLAS sums
+channels-last activations), ff-l2-chunks-32mb and ff-l2-chunks-16mb (each feed-forward on row chunks
+whose intermediates fit the L2 cache: feed_forward_in_l2_chunks), fp16-accumulation (cuBLAS sums
 its products in fp16: less work per product, less exact), cublaslt (cuBLASLt's choice of GEMM
 kernels). Each is reduce-overhead with the one change named. Then one-graph and two-graphs (CUDA
 only): guided eps, guidance included, captured by hand as one CUDA graph or as two used in turn (see
@@ -357,6 +358,21 @@ def temporal_convs_as(kind):
     return guided_eps(torch.compile(unet, dynamic=False, options=compile_options('reduce-overhead')))
 
 
+def feed_forward_in_l2_chunks(megabytes):
+    """The package's compiled path with each feed-forward run on row chunks whose intermediates (the 8 c
+    columns of GEGLU's projection, the 4 c of its product: 12 c per row) stay under `megabytes`, so that
+    they may stay in the GPU's 50 MB L2 cache between the kernels that write and read them. Patches
+    layers.FeedForward for the rest of the process: give it alone or with --parallel."""
+    from modelscope_t2v.models import layers
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.shape[-1])                                              # (n, c)
+        chunks = -(-rows.shape[0] * 12 * x.shape[-1] * x.element_size() // (megabytes << 20))
+        return torch.cat([self.net(chunk) for chunk in rows.chunk(chunks)]).view(x.shape)
+    layers.FeedForward.forward = forward
+    return guided_eps(compiled())
+
+
 VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'eager': lambda: guided_eps(unet),
     'reduce-overhead': lambda: guided_eps(compiled()),
@@ -378,6 +394,8 @@ VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'concat-taps': concat_taps,
     'conv2d-taps': lambda: temporal_convs_as('conv2d'),
     'conv3d-taps': lambda: temporal_convs_as('conv3d'),
+    'ff-l2-chunks-32mb': lambda: feed_forward_in_l2_chunks(32),
+    'ff-l2-chunks-16mb': lambda: feed_forward_in_l2_chunks(16),
     'fp16-accumulation': lambda: with_fp16_accumulation(lambda: guided_eps(compiled())),
     'cublaslt': lambda: with_cublaslt(lambda: guided_eps(compiled())),
     'one-graph': lambda: graphs_in_turn(1),
