@@ -8,8 +8,8 @@ The package's path writes the projection's 8 c columns and reads them back in a 
 32x32 level that takes 175 us a call on an H200 against ~80 us of arithmetic. Here the weight's rows are
 interleaved per tile (`interleave`: HALF value rows, then the HALF gate rows of the same columns), so one
 accumulator of 2 HALF columns holds a and g of HALF output columns, and the epilogue writes only
-a * gelu(g). The kernel is persistent (one program per SM, looping over tiles, the loads of the next
-tile issued while the current one finishes) and loads and stores through TMA descriptors. An experiment:
+a * gelu(g). The kernel is persistent (one or two programs per SM, each looping over tiles, the loads of
+the next tile issued while the current one finishes) and loads and stores through TMA descriptors. An experiment:
 the package takes it only if it beats linear + gelu on the whole step.
 """
 import os
@@ -27,9 +27,10 @@ from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 # (rows m = texts x frames x pixels, input width k, output width n, calls per step) of the real model
 SHAPES = [(2 * 16 * 32 * 32, 320, 1280, 10), (16 * 32 * 32, 320, 1280, 1), (2 * 16 * 16 * 16, 640, 2560, 10),
           (2 * 16 * 8 * 8, 1280, 5120, 10), (2 * 16 * 4 * 4, 1280, 5120, 2)]
-CONFIGS = [   # BLOCK_M, HALF (output columns per tile), BLOCK_K, warps, stages
-    (128, 64, 64, 8, 3), (128, 64, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
-    (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 8, 5), (256, 64, 64, 8, 3)]
+CONFIGS = [   # BLOCK_M, HALF (output columns per tile), BLOCK_K, warps, stages, programs per SM
+    (128, 64, 64, 8, 3, 1), (128, 64, 64, 8, 4, 1), (128, 128, 64, 8, 3, 1), (128, 128, 64, 8, 4, 1),
+    (128, 64, 64, 4, 4, 1), (64, 128, 64, 4, 4, 1), (128, 128, 32, 8, 5, 1), (256, 64, 64, 8, 3, 1),
+    (128, 64, 64, 8, 3, 2), (128, 64, 64, 4, 3, 2), (128, 64, 64, 8, 2, 2)]
 
 
 def geglu_reference(x, weight, bias):
@@ -71,13 +72,13 @@ def _geglu_persistent_kernel(x_desc, w_desc, b_ptr, o_desc, M, N, K,
         o_desc.store([row, col // 2], out.to(o_desc.dtype))
 
 
-def geglu_persistent(x, w_interleaved, b_interleaved, config, programs):
-    """GEGLU of x (m, k) with weights interleaved for config's HALF -> (m, n)."""
-    block_m, half, block_k, warps, stages = config
+def geglu_persistent(x, w_interleaved, b_interleaved, config, processors):
+    """GEGLU of x (m, k) with weights interleaved for config's HALF -> (m, n), on `processors` SMs."""
+    block_m, half, block_k, warps, stages, per_processor = config
     (m, k), n = x.shape, w_interleaved.shape[0] // 2
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     tiles = triton.cdiv(m, block_m) * (n // half)
-    grid = (min(programs, tiles),)
+    grid = (min(per_processor * processors, tiles),)
     _geglu_persistent_kernel[grid](
         TensorDescriptor.from_tensor(x, [block_m, block_k]),
         TensorDescriptor.from_tensor(w_interleaved, [2 * half, block_k]), b_interleaved,
@@ -88,15 +89,15 @@ def geglu_persistent(x, w_interleaved, b_interleaved, config, programs):
 
 @torch.library.custom_op('t2v_bench::geglu_tma', mutates_args=())
 def geglu_tma(x: torch.Tensor, w_interleaved: torch.Tensor, b_interleaved: torch.Tensor,
-              block_m: int, half: int, block_k: int, warps: int, stages: int) -> torch.Tensor:
+              block_m: int, half: int, block_k: int, warps: int, stages: int, per_processor: int) -> torch.Tensor:
     """geglu_persistent as an operator torch.compile calls as it is (and a CUDA graph captures)."""
-    programs = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    return geglu_persistent(x.contiguous(), w_interleaved, b_interleaved, (block_m, half, block_k, warps, stages),
-                            programs)
+    processors = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    config = (block_m, half, block_k, warps, stages, per_processor)
+    return geglu_persistent(x.contiguous(), w_interleaved, b_interleaved, config, processors)
 
 
 @geglu_tma.register_fake
-def _(x, w_interleaved, b_interleaved, block_m, half, block_k, warps, stages):
+def _(x, w_interleaved, b_interleaved, block_m, half, block_k, warps, stages, per_processor):
     return x.new_empty(x.shape[0], w_interleaved.shape[0] // 2)
 
 
@@ -110,18 +111,18 @@ def operands(m, k, n, device, dtype):
 
 def check():
     """Small shapes under the interpreter (ragged rows, several tiles per program) against float32."""
-    for m, k, n, config, programs in [(40, 64, 32, (16, 16, 32, 4, 2), 3), (64, 96, 64, (32, 32, 32, 4, 2), 2)]:
+    for m, k, n, config, processors in [(40, 64, 32, (16, 16, 32, 4, 2, 1), 3), (64, 96, 64, (32, 32, 32, 4, 2, 2), 1)]:
         x, w, b = operands(m, k, n, 'cpu', torch.float16)
-        got = geglu_persistent(x, *interleave(w, b, config[1]), config, programs).float()
+        got = geglu_persistent(x, *interleave(w, b, config[1]), config, processors).float()
         ref = geglu_reference(x.float(), w.float(), b.float())
         err = ((got - ref).abs().max() / ref.abs().max()).item()
-        print(f'm={m} k={k} n={n} config {config} programs {programs}: max rel diff {err:.1e}')
+        print(f'm={m} k={k} n={n} config {config} on {processors} SMs: max rel diff {err:.1e}')
         assert err < 5e-3, err
 
 
 def bench():
     from triton.testing import do_bench
-    programs = torch.cuda.get_device_properties(0).multi_processor_count
+    processors = torch.cuda.get_device_properties(0).multi_processor_count
     compiled = torch.compile(geglu_reference, dynamic=False)
     variants = {'linear + gelu (compiled)': lambda x, w, b: compiled(x, w, b),
                 'linear alone (cuBLAS)': lambda x, w, b: F.linear(x, w, b)}
@@ -132,8 +133,8 @@ def bench():
             if w.data_ptr() not in interleaved:   # once per weight, as the package would store it
                 interleaved.clear()
                 interleaved[w.data_ptr()] = interleave(w, b, config[1])
-            return geglu_persistent(x, *interleaved[w.data_ptr()], config, programs)
-        variants['tma {}x{} k{} w{} s{}'.format(*config)] = run
+            return geglu_persistent(x, *interleaved[w.data_ptr()], config, processors)
+        variants['tma {}x{} k{} w{} s{} {}/SM'.format(*config)] = run
     totals = dict.fromkeys(variants, 0.0)
     for m, k, n, calls in SHAPES:
         x, w, b = operands(m, k, n, 'cuda', torch.float16)

@@ -377,14 +377,14 @@ def feed_forward_in_l2_chunks(megabytes):
 
 def geglu_in_one_kernel():
     """The package's compiled path with each GEGLU as bench/geglu_gemm.py's persistent TMA kernel, its tile
-    config from GEGLU_CONFIG ('block_m,half,block_k,warps,stages'). Patches layers.GEGLU for the rest of the
-    process: give it alone or with --parallel."""
+    config from GEGLU_CONFIG ('block_m,half,block_k,warps,stages,programs per SM'). Patches layers.GEGLU for
+    the rest of the process: give it alone or with --parallel."""
     import os
 
     from geglu_gemm import geglu_tma, interleave
 
     from modelscope_t2v.models import layers
-    config = [int(v) for v in os.environ.get('GEGLU_CONFIG', '128,128,64,8,3').split(',')]
+    config = [int(v) for v in os.environ.get('GEGLU_CONFIG', '128,128,64,8,3,1').split(',')]
     for module in unet.modules():
         if isinstance(module, layers.GEGLU):
             weight, bias = interleave(module.proj.weight.detach(), module.proj.bias.detach(), config[1])
