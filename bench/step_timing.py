@@ -39,7 +39,8 @@ calls in a loop, the host's ms for one call with the GPU idle, the GPU's ms per 
 loop (CUDA events), and from torch.profiler of 3 loop steps: GPU kernel ms and launches per step, ms
 per kind of kernel, the 12 costliest kernels, the kernels the memsets follow, and the GPU's idle
 time.
-Dynamo's graph-break, recompile, CUDA-graph and performance-hint logs are on.
+With --kernels-dir=DIR, each variant's every kernel goes to DIR/kernels-<variant>.txt (ms and launches
+per step). Dynamo's graph-break, recompile, CUDA-graph and performance-hint logs are on.
 """
 import collections
 import functools
@@ -109,6 +110,8 @@ def report(name, eps_fn, reference):
         sync()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     print_kernel_summary(kernels, steps=3)
+    if option('kernels-dir'):
+        write_kernel_table(kernels, 3, pathlib.Path(option('kernels-dir'), f'kernels-{name}.txt'))
 
 
 def ddim_loop(eps_fn, steps):
@@ -203,6 +206,15 @@ def print_kernel_summary(kernels, steps):
     small = sum(gap for gap, _ in idle if 0 < gap < 20) / steps / 1e3
     print(f'   GPU span per step {span:.2f} ms: idle {span - busy:.2f} ms, of which {small:.2f} ms in gaps < 20 us; '
           f'largest gaps (us, after): {[(round(gap), name[:40]) for gap, name in sorted(idle)[-6:]]}')
+
+
+def write_kernel_table(kernels, steps, path):
+    """Every kernel of the profiled steps, costliest first: ms per step, launches per step, full name."""
+    by_name = collections.defaultdict(list)
+    for k in kernels:
+        by_name[k.name].append(k.time_range.elapsed_us())
+    rows = sorted(by_name.items(), key=lambda item: -sum(item[1]))
+    path.write_text(''.join(f'{sum(us) / steps / 1e3:8.3f} ms {len(us) / steps:6.1f}x  {name}\n' for name, us in rows))
 
 
 def kernel_kind(name: str) -> str:
@@ -449,7 +461,8 @@ def run_in_parallel(names):
     """One child process per variant; print their outputs in order once all have finished."""
     with tempfile.TemporaryDirectory() as turn_dir:
         logs = [pathlib.Path(turn_dir, f'log-{i}') for i in range(len(names))]
-        children = [subprocess.Popen([sys.executable, __file__, name, *(['tiny'] if cfg is TINY else []),
+        passed_on = [arg for arg in sys.argv if arg == 'tiny' or arg.startswith('--kernels-dir=')]
+        children = [subprocess.Popen([sys.executable, __file__, name, *passed_on,
                                       f'--turn={i}', f'--of={len(names)}', f'--turn-dir={turn_dir}'],
                                      stdout=log.open('w'), stderr=subprocess.STDOUT)
                     for i, (name, log) in enumerate(zip(names, logs))]
