@@ -306,27 +306,30 @@ def store_tap_columns(conv):
     conv.weight.data = conv.weight.data.permute(0, 2, 1, 3, 4).contiguous().permute(0, 2, 1, 3, 4)
 
 
-def concat_taps():
-    """The package's compiled path with frame_conv_concat_taps for every temporal conv, checked against
-    the package's GEMM on one stage first. Patches unet3d for the rest of the process: give it alone or
-    with --parallel."""
+def replace_frame_conv(name, frame_conv, store_weight):
+    """The package's compiled path with every temporal conv as frame_conv(x, conv), each conv's weight first
+    stored by store_weight, checked against the package's GEMM on one stage. Patches unet3d for the rest of
+    the process: give it alone or with --parallel."""
     unet.to_channels_last()
-    convs = [m.conv1[-1] for m in unet.modules() if isinstance(m, unet3d.TemporalConv)]
-    probe = torch.randn(2, convs[0].in_channels, 16, 8, 8, device=dev, dtype=dtype)
+    stages = temporal_conv_stages()
+    probe = torch.randn(2, stages[0].in_channels, 16, 8, 8, device=dev, dtype=dtype)
     probe = probe.contiguous(memory_format=torch.channels_last_3d)
-    expected = unet3d.frame_conv_as_gemm(probe, convs[0])
-    for module in unet.modules():
-        if isinstance(module, unet3d.TemporalConv):
-            for stage in (module.conv1, module.conv2, module.conv3, module.conv4):
-                store_tap_columns(stage[-1])
-    assert convs[0].weight.permute(0, 2, 1, 3, 4).is_contiguous()   # the GEMM reads it in place
-    got = frame_conv_concat_taps(probe, convs[0])
+    expected = unet3d.frame_conv_as_gemm(probe, stages[0])
+    for conv in stages:
+        store_weight(conv)
+    got = frame_conv(probe, stages[0])
     err = ((got - expected).abs().max() / expected.abs().max()).item()
-    print(f'concat-taps against the package\'s temporal GEMM: max rel diff {err:.1e}', flush=True)
+    print(f'{name} against the package\'s temporal GEMM: max rel diff {err:.1e}', flush=True)
     assert err < 1e-2, err
-    unet3d.frame_conv_as_gemm = frame_conv_concat_taps
+    unet3d.frame_conv_as_gemm = frame_conv
     # compiled() would run to_channels_last again, storing the weights frame-major (a copy per call here)
     return guided_eps(torch.compile(unet, dynamic=False, options=compile_options('reduce-overhead')))
+
+
+def temporal_conv_stages():
+    """The (3, 1, 1) Conv3d of every stage of every temporal conv."""
+    return [stage[-1] for module in unet.modules() if isinstance(module, unet3d.TemporalConv)
+            for stage in (module.conv1, module.conv2, module.conv3, module.conv4)]
 
 
 def frame_conv_as_conv2d(x, conv):
@@ -344,31 +347,15 @@ def store_conv2d_weight(conv):
     conv.register_buffer('conv2d_weight', weight, persistent=False)
 
 
-def temporal_convs_as(kind):
-    """The package's compiled path with every temporal conv run by cuDNN: kind 'conv2d' (frame_conv_as_conv2d,
-    checked against the package's GEMM on one stage first) or 'conv3d' (the plain Conv3d on channels-last
-    activations, its weight channels-last too). 'conv2d' patches unet3d for the rest of the process: give
-    it alone or with --parallel."""
+def plain_conv3d():
+    """The package's compiled path with every temporal conv as the plain Conv3d (cuDNN) on the channels-last
+    activations, its weight channels-last too."""
     unet.to_channels_last()
-    stages = [stage[-1] for module in unet.modules() if isinstance(module, unet3d.TemporalConv)
-              for stage in (module.conv1, module.conv2, module.conv3, module.conv4)]
-    if kind == 'conv2d':
-        for conv in stages:
-            store_conv2d_weight(conv)
-        probe = torch.randn(2, stages[0].in_channels, 16, 8, 8, device=dev, dtype=dtype)
-        probe = probe.contiguous(memory_format=torch.channels_last_3d)
-        expected = unet3d.frame_conv_as_gemm(probe, stages[0])
-        got = frame_conv_as_conv2d(probe, stages[0])
-        err = ((got - expected).abs().max() / expected.abs().max()).item()
-        print(f'conv2d-taps against the package\'s temporal GEMM: max rel diff {err:.1e}', flush=True)
-        assert err < 1e-2, err
-        unet3d.frame_conv_as_gemm = frame_conv_as_conv2d
-    else:
-        for module in unet.modules():
-            if isinstance(module, unet3d.TemporalConv):
-                module.as_gemm = False
-        for conv in stages:
-            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    for module in unet.modules():
+        if isinstance(module, unet3d.TemporalConv):
+            module.as_gemm = False
+    for conv in temporal_conv_stages():
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
     return guided_eps(torch.compile(unet, dynamic=False, options=compile_options('reduce-overhead')))
 
 
@@ -428,9 +415,9 @@ VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'aggressive-fusion': lambda: guided_eps(compiled(aggressive_fusion=True)),
     'autotune-pointwise': lambda: guided_eps(compiled(max_autotune_pointwise=True)),
     'no-cudagraph-trees': lambda: guided_eps(compiled(**{'triton.cudagraph_trees': False})),
-    'concat-taps': concat_taps,
-    'conv2d-taps': lambda: temporal_convs_as('conv2d'),
-    'conv3d-taps': lambda: temporal_convs_as('conv3d'),
+    'concat-taps': lambda: replace_frame_conv('concat-taps', frame_conv_concat_taps, store_tap_columns),
+    'conv2d-taps': lambda: replace_frame_conv('conv2d-taps', frame_conv_as_conv2d, store_conv2d_weight),
+    'conv3d-taps': plain_conv3d,
     'ff-l2-chunks-32mb': lambda: feed_forward_in_l2_chunks(32),
     'ff-l2-chunks-16mb': lambda: feed_forward_in_l2_chunks(16),
     'geglu-tma': geglu_in_one_kernel,
