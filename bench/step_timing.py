@@ -45,6 +45,7 @@ per step). Dynamo's graph-break, recompile, CUDA-graph and performance-hint logs
 import collections
 import functools
 import itertools
+import os
 import pathlib
 import subprocess
 import sys
@@ -378,8 +379,6 @@ def geglu_in_one_kernel():
     """The package's compiled path with each GEGLU as bench/geglu_gemm.py's persistent TMA kernel, its tile
     config from GEGLU_CONFIG ('block_m,half,block_k,warps,stages,programs per SM'). Patches layers.GEGLU for
     the rest of the process: give it alone or with --parallel."""
-    import os
-
     from geglu_gemm import geglu_tma, interleave
 
     from modelscope_t2v.models import layers
