@@ -6,6 +6,15 @@ import statistics
 import time
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from modelscope_t2v.models import geglu
+
+if geglu.triton is not None:
+    @register_flop_formula(torch.ops.modelscope_t2v.geglu)
+    def _geglu_flops(x_shape, weight_shape, *args, **kwargs) -> int:
+        """The GEGLU kernel's projection: (m, k) @ (k, 2 n); FlopCounterMode counts no elementwise work."""
+        return 2 * x_shape[0] * x_shape[1] * weight_shape[0]
 
 
 def sync():

@@ -20,9 +20,8 @@ autotune-pointwise (inductor tries more block sizes for its own kernels), no-cud
 over frames t-1, t, t+1 side by side: frame_conv_concat_taps), conv2d-taps (each temporal conv as a
 cuDNN (3, 1) Conv2d over frames and pixels: frame_conv_as_conv2d), conv3d-taps (the plain Conv3d on
 channels-last activations), ff-l2-chunks-32mb and ff-l2-chunks-16mb (each feed-forward on row chunks
-whose intermediates fit the L2 cache: feed_forward_in_l2_chunks), geglu-tma (each GEGLU as one persistent
-TMA GEMM with the gelu-multiply in its epilogue: bench/geglu_gemm.py, tile config from GEGLU_CONFIG),
-fp16-accumulation (cuBLAS sums
+whose intermediates fit the L2 cache: feed_forward_in_l2_chunks), plain-geglu (each GEGLU as F.linear and
+a fused gelu-multiply, not the package's kernel), fp16-accumulation (cuBLAS sums
 its products in fp16: less work per product, less exact), cublaslt (cuBLASLt's choice of GEMM
 kernels). Each is reduce-overhead with the one change named. Then one-graph and two-graphs (CUDA
 only): guided eps, guidance included, captured by hand as one CUDA graph or as two used in turn (see
@@ -45,7 +44,6 @@ per step). Dynamo's graph-break, recompile, CUDA-graph and performance-hint logs
 import collections
 import functools
 import itertools
-import os
 import pathlib
 import subprocess
 import sys
@@ -375,24 +373,12 @@ def feed_forward_in_l2_chunks(megabytes):
     return guided_eps(compiled())
 
 
-def geglu_in_one_kernel():
-    """The package's compiled path with each GEGLU as bench/geglu_gemm.py's persistent TMA kernel, its tile
-    config from GEGLU_CONFIG ('block_m,half,block_k,warps,stages,programs per SM'). Patches layers.GEGLU for
-    the rest of the process: give it alone or with --parallel."""
-    from geglu_gemm import geglu_tma, interleave
-
-    from modelscope_t2v.models import layers
-    config = [int(v) for v in os.environ.get('GEGLU_CONFIG', '128,128,64,8,3,1').split(',')]
-    for module in unet.modules():
-        if isinstance(module, layers.GEGLU):
-            weight, bias = interleave(module.proj.weight.detach(), module.proj.bias.detach(), config[1])
-            module.register_buffer('w_interleaved', weight, persistent=False)
-            module.register_buffer('b_interleaved', bias, persistent=False)
-
-    def forward(self, x):
-        rows = x.reshape(-1, x.shape[-1])
-        return geglu_tma(rows, self.w_interleaved, self.b_interleaved, *config).view(*x.shape[:-1], -1)
-    layers.GEGLU.forward = forward
+def plain_geglu():
+    """The package's compiled path with each GEGLU as F.linear and gelu (inductor fuses the gelu-multiply),
+    not as models/geglu.py's kernel. Changes models.geglu for the rest of the process: give it alone or
+    with --parallel."""
+    from modelscope_t2v.models import geglu
+    geglu.kernel_serves = lambda x, weight: False
     return guided_eps(compiled())
 
 
@@ -419,7 +405,7 @@ VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'conv3d-taps': plain_conv3d,
     'ff-l2-chunks-32mb': lambda: feed_forward_in_l2_chunks(32),
     'ff-l2-chunks-16mb': lambda: feed_forward_in_l2_chunks(16),
-    'geglu-tma': geglu_in_one_kernel,
+    'plain-geglu': plain_geglu,
     'fp16-accumulation': lambda: with_fp16_accumulation(lambda: guided_eps(compiled())),
     'cublaslt': lambda: with_cublaslt(lambda: guided_eps(compiled())),
     'one-graph': lambda: graphs_in_turn(1),

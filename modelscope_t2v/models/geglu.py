@@ -1,0 +1,134 @@
+"""GEGLU, x @ W.T + b split in halves (a, g) -> a * gelu(g): one Triton GEMM on Hopper, F.linear elsewhere.
+
+On the GPU the plain path writes the projection's 2 n columns and reads them
+back for the gelu-multiply; at the 32x32 level that is 175 us a call on an
+H200 where the GEMM alone takes 104 us. Here one persistent kernel (one
+program per SM, each looping over output tiles, TMA loads of the next tile
+issued while the current one finishes) computes a tile's a and g columns in
+one accumulator and writes only a * gelu(g): -0.5 ms a guided UNet step
+(bench/geglu_gemm.py, bench/step_timing.py, docs/benchmarks.md).
+
+The kernel serves float16 CUDA tensors on Hopper and newer (TMA), the dtype
+and GPUs it was measured and checked on; everything else runs F.linear and
+F.gelu, so the CPU path is unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # CPU-only torch builds come without Triton; older Triton has no TensorDescriptor
+    triton = None
+
+# Tile: BLOCK_M rows, up to MAX_HALF output columns (MAX_HALF a and MAX_HALF g columns of the projection),
+# BLOCK_K of the input width per load; the fastest over the model's calls on an H200 (bench/geglu_gemm.py).
+BLOCK_M, MAX_HALF, BLOCK_K, WARPS, STAGES = 128, 128, 64, 8, 4
+
+
+def plain_geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(..., k) -> (..., n) with weight (2 n, k), bias (2 n,): the original's arithmetic."""
+    a, gate = F.linear(x, weight, bias).chunk(2, dim=-1)
+    return a * F.gelu(gate)
+
+
+def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """plain_geglu's result, from the kernel where it serves."""
+    if kernel_serves(x, weight):
+        rows = x.reshape(-1, x.shape[-1])                                       # (m, k)
+        return torch.ops.modelscope_t2v.geglu(rows, weight, bias).view(*x.shape[:-1], -1)
+    return plain_geglu(x, weight, bias)
+
+
+def kernel_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    n, k = weight.shape[0] // 2, weight.shape[1]
+    return (triton is not None and x.is_cuda and x.dtype == torch.float16 and weight.dtype == torch.float16
+            and torch.cuda.get_device_properties(x.device).major >= 9   # TMA; torch.compile folds this call
+            and k % 8 == 0 and n % 16 == 0   # TMA: rows of 16-byte multiples; whole tiles of output columns
+            and (torch.compiler.is_compiling() or kernel_works(x.device)))
+
+
+@functools.cache
+def kernel_works(device: torch.device) -> bool:
+    """Whether the kernel runs on `device`; else warn once, and F.linear serves.
+
+    Triton builds a small C launcher on first use, which fails where no C
+    compiler is installed (slim containers). torch.compile needs one anyway.
+    """
+    try:
+        x, weight, bias = (torch.zeros(shape, device=device, dtype=torch.float16) for shape in [(1, 16), (32, 16), 32])
+        torch.ops.modelscope_t2v.geglu(x, weight, bias)
+        return True
+    except Exception as error:  # whatever Triton raises, F.linear still gives the same GEGLU
+        warnings.warn(f'GEGLU runs on F.linear: the Triton kernel failed on {device} ({error})')
+        return False
+
+
+def output_columns_per_tile(n: int) -> int:
+    """The largest power of two up to MAX_HALF that divides n (n a multiple of 16)."""
+    return min(MAX_HALF, n & -n)
+
+
+@functools.cache
+def processors(device: torch.device) -> int:
+    """The kernel's programs: one per SM (a few under Triton's CPU interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == 'cuda' else 4
+
+
+if triton is not None:
+
+    @triton.jit
+    def _geglu_kernel(x_desc, w_desc, b_ptr, o_desc, M, N, K, PROGRAMS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr):
+        # tile (i, j): output rows [i BLOCK_M, +BLOCK_M), columns [j HALF, +HALF), from the weight's a rows
+        # [j HALF, +HALF) and g rows [N + j HALF, +HALF), loaded as one (2 HALF, BLOCK_K) operand, so that
+        # one product fills one (BLOCK_M, 2 HALF) accumulator; j runs fastest, so the programs at work at
+        # once share rows of x in the L2 cache
+        tiles_n = N // HALF
+        tiles = tl.cdiv(M, BLOCK_M) * tiles_n
+        k_steps = tl.cdiv(K, BLOCK_K)
+        halves = tl.arange(0, 2 * HALF)
+        stored = tl.program_id(0) - PROGRAMS   # the epilogue's own tile counter: the loads run a tile ahead
+        for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=True):
+            row, col = (tile // tiles_n) * BLOCK_M, (tile % tiles_n) * HALF
+            acc = tl.zeros((BLOCK_M, 2 * HALF), dtype=tl.float32)
+            for step in range(k_steps):
+                x = x_desc.load([row, step * BLOCK_K])                                # (BLOCK_M, BLOCK_K)
+                w = w_desc.load([0, col, step * BLOCK_K])                             # (2, HALF, BLOCK_K)
+                acc = tl.dot(x, tl.reshape(w, (2 * HALF, BLOCK_K)).T, acc)
+            stored += PROGRAMS
+            row, col = (stored // tiles_n) * BLOCK_M, (stored % tiles_n) * HALF
+            acc += tl.load(b_ptr + (halves // HALF) * N + col + halves % HALF).to(tl.float32)[None, :]
+            a, gate = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))  # (BLOCK_M, HALF)
+            out = a * (0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)))        # a * gelu(g), exact
+            o_desc.store([row, col], out.to(o_desc.dtype))
+
+    def geglu_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The kernel on x (m, k), weight (2 n, k), bias (2 n,) -> (m, n)."""
+        x, weight = x.contiguous(), weight.contiguous()
+        (m, k), n = x.shape, weight.shape[0] // 2
+        half = output_columns_per_tile(n)
+        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        programs = min(processors(x.device), triton.cdiv(m, BLOCK_M) * (n // half))
+        _geglu_kernel[(programs,)](
+            TensorDescriptor.from_tensor(x, [BLOCK_M, BLOCK_K]),
+            TensorDescriptor.from_tensor(weight.view(2, n, k), [2, half, BLOCK_K]), bias,
+            TensorDescriptor.from_tensor(out, [BLOCK_M, half]), m, n, k, PROGRAMS=programs,
+            BLOCK_M=BLOCK_M, HALF=half, BLOCK_K=BLOCK_K, num_warps=WARPS, num_stages=STAGES)
+        return out
+
+    @torch.library.custom_op('modelscope_t2v::geglu', mutates_args=())
+    def _geglu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        # geglu_rows, opaque to torch.compile and captured by CUDA graphs
+        return geglu_rows(x, weight, bias)
+
+    @_geglu_op.register_fake
+    def _(x, weight, bias):
+        return x.new_empty(x.shape[0], weight.shape[0] // 2)

@@ -1,0 +1,75 @@
+"""The Triton GEGLU kernel against F.linear + F.gelu.
+
+No GPU here: Triton's interpreter runs the same kernel code with NumPy.
+"""
+
+import warnings
+
+import torch
+from interpreted import run_interpreted
+
+from modelscope_t2v.models import geglu as geglu_lib
+
+
+def test_kernel_equals_float32_geglu():
+    # (rows, input width, output width): several tiles per program, ragged last row tile, an input width
+    # that is no multiple of BLOCK_K (zero-filled loads), output widths under MAX_HALF
+    out = run_interpreted('''
+        import torch
+        from modelscope_t2v.models import geglu
+        geglu.processors = lambda device: 3   # fewer programs than tiles: each loops
+        torch.manual_seed(0)
+        for m, k, n in [(300, 64, 256), (40, 200, 48), (129, 320, 128)]:
+            x = torch.randn(m, k).half()
+            weight, bias = (torch.randn(2 * n, k) / k ** 0.5).half(), (torch.randn(2 * n) * 0.1).half()
+            out = torch.ops.modelscope_t2v.geglu(x, weight, bias)
+            assert out.shape == (m, n) and out.dtype == torch.float16
+            ref = geglu.plain_geglu(x.float(), weight.float(), bias.float())
+            print(((out.float() - ref).abs().max() / ref.abs().max()).item())
+    ''')
+    errors = [float(line) for line in out.split()]
+    print('max |kernel - float32 GEGLU| / max |GEGLU| per shape:', errors)
+    assert len(errors) == 3 and max(errors) < 2e-3   # float16 inputs and output: rounding ~5e-4
+
+
+def test_unet_with_kernel_equals_unet_with_linear():
+    out = run_interpreted('''
+        import torch
+        from modelscope_t2v.config import TINY
+        from modelscope_t2v.models import geglu
+        from modelscope_t2v.models.unet3d import UNet3D
+        from reference import randomize_, rel_err
+        unet = randomize_(UNet3D(TINY.unet), 0).eval()
+        g = torch.Generator().manual_seed(1)
+        x, context = torch.randn(2, 4, 16, 8, 8, generator=g), torch.randn(2, 77, TINY.unet.context_dim, generator=g)
+        t = torch.tensor([981, 21])
+        calls = []
+        with torch.no_grad():
+            plain = unet(x, t, context)
+            geglu.kernel_serves = lambda x, weight: calls.append(x.shape) or True   # the kernel, interpreted
+            fused = unet(x, t, context)
+        print(len(calls), rel_err(fused, plain))
+    ''')
+    calls, err = out.split()
+    print(f'tiny UNet3D (float32), {calls} GEGLU calls in the kernel vs F.linear: {float(err):.2e}')
+    assert int(calls) > 0 and float(err) < 1e-5
+
+
+def test_cpu_runs_linear_unchanged():
+    g = torch.Generator().manual_seed(2)
+    x, weight, bias = torch.randn(3, 5, 32, generator=g), torch.randn(64, 32, generator=g), torch.randn(64, generator=g)
+    assert not geglu_lib.kernel_serves(x, weight)
+    a, gate = (x @ weight.T + bias).chunk(2, dim=-1)
+    torch.testing.assert_close(geglu_lib.geglu(x, weight, bias), a * torch.nn.functional.gelu(gate))
+
+
+def test_output_columns_per_tile():
+    assert [geglu_lib.output_columns_per_tile(n) for n in (1280, 2560, 5120, 48, 16)] == [128, 128, 128, 16, 16]
+
+
+def test_a_kernel_that_cannot_run_warns_and_leaves_linear():
+    geglu_lib.kernel_works.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        assert geglu_lib.kernel_works(torch.device('cpu')) is False   # Triton has no CPU driver
+    assert any('runs on F.linear' in str(w.message) for w in caught)
