@@ -21,7 +21,9 @@ over frames t-1, t, t+1 side by side: frame_conv_concat_taps), conv2d-taps (each
 cuDNN (3, 1) Conv2d over frames and pixels: frame_conv_as_conv2d), conv3d-taps (the plain Conv3d on
 channels-last activations), ff-l2-chunks-32mb and ff-l2-chunks-16mb (each feed-forward on row chunks
 whose intermediates fit the L2 cache: feed_forward_in_l2_chunks), plain-geglu (each GEGLU as F.linear and
-a fused gelu-multiply, not the package's kernel), fp16-accumulation (cuBLAS sums
+a fused gelu-multiply, not the package's kernel), geglu-config (the GEGLU kernel with the tile config of
+GEGLU_CONFIG), ff-residual-in-gemm (each transformer block's last residual added by the feed-forward's
+second GEMM: addmm with C = x + bias), fp16-accumulation (cuBLAS sums
 its products in fp16: less work per product, less exact), cublaslt (cuBLASLt's choice of GEMM
 kernels). Each is reduce-overhead with the one change named. Then one-graph and two-graphs (CUDA
 only): guided eps, guidance included, captured by hand as one CUDA graph or as two used in turn (see
@@ -44,6 +46,7 @@ per step). Dynamo's graph-break, recompile, CUDA-graph and performance-hint logs
 import collections
 import functools
 import itertools
+import os
 import pathlib
 import subprocess
 import sys
@@ -382,6 +385,39 @@ def plain_geglu():
     return guided_eps(compiled())
 
 
+def geglu_config():
+    """The package's compiled path with the GEGLU kernel's tile config from GEGLU_CONFIG
+    ('block_m,max_half,block_k,warps,stages,per_sm': bench/geglu_gemm.py's CONFIGS). Changes models.geglu
+    for the rest of the process: give it alone or with --parallel."""
+    from modelscope_t2v.models import geglu
+    (geglu.BLOCK_M, geglu.MAX_HALF, geglu.BLOCK_K, geglu.WARPS, geglu.STAGES,
+     geglu.PER_SM) = (int(v) for v in os.environ['GEGLU_CONFIG'].split(','))
+    return guided_eps(compiled())
+
+
+def ff_residual_in_gemm():
+    """The package's compiled path with each transformer block's last residual added by the feed-forward's
+    second GEMM (addmm, C = x + bias: inductor can write that beside the LayerNorm before it), not by a
+    kernel of its own after the GEMM. Patches layers.TransformerBlock for the rest of the process: give it
+    alone or with --parallel."""
+    from einops import rearrange
+
+    from modelscope_t2v.models import layers
+
+    def forward(self, x, context=None, frames=1):
+        x = self.attn1(self.norm1(x)) + x   # as TransformerBlock.forward, up to the feed-forward
+        if context is None:
+            x = self.attn2(self.norm2(x)) + x
+        else:
+            q = rearrange(self.norm2(x), '(b f) l c -> b (f l) c', f=frames)
+            x = rearrange(self.attn2(q, context), 'b (f l) c -> (b f) l c', f=frames) + x
+        geglu, out = self.ff.net[0], self.ff.net[2]
+        h = geglu(self.norm3(x))                                                      # (n, l, 4 dim)
+        return torch.addmm((x + out.bias).flatten(0, -2), h.flatten(0, -2), out.weight.T).view(x.shape)
+    layers.TransformerBlock.forward = forward
+    return guided_eps(compiled())
+
+
 VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'eager': lambda: guided_eps(unet),
     'reduce-overhead': lambda: guided_eps(compiled()),
@@ -406,6 +442,8 @@ VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'ff-l2-chunks-32mb': lambda: feed_forward_in_l2_chunks(32),
     'ff-l2-chunks-16mb': lambda: feed_forward_in_l2_chunks(16),
     'plain-geglu': plain_geglu,
+    'geglu-config': geglu_config,
+    'ff-residual-in-gemm': ff_residual_in_gemm,
     'fp16-accumulation': lambda: with_fp16_accumulation(lambda: guided_eps(compiled())),
     'cublaslt': lambda: with_cublaslt(lambda: guided_eps(compiled())),
     'one-graph': lambda: graphs_in_turn(1),

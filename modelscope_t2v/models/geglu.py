@@ -29,8 +29,9 @@ except ImportError:  # CPU-only torch builds come without Triton; older Triton h
     triton = None
 
 # Tile: BLOCK_M rows, up to MAX_HALF output columns (MAX_HALF a and MAX_HALF g columns of the projection),
-# BLOCK_K of the input width per load; the fastest over the model's calls on an H200 (bench/geglu_gemm.py).
-BLOCK_M, MAX_HALF, BLOCK_K, WARPS, STAGES = 128, 128, 64, 8, 4
+# BLOCK_K of the input width per load; PER_SM programs per SM. The fastest over the model's calls on an
+# H200 (bench/geglu_gemm.py).
+BLOCK_M, MAX_HALF, BLOCK_K, WARPS, STAGES, PER_SM = 128, 128, 64, 8, 4, 1
 
 
 def plain_geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -78,7 +79,7 @@ def output_columns_per_tile(n: int) -> int:
 
 @functools.cache
 def processors(device: torch.device) -> int:
-    """The kernel's programs: one per SM (a few under Triton's CPU interpreter)."""
+    """SMs of `device` (a few under Triton's CPU interpreter)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == 'cuda' else 4
 
 
@@ -116,7 +117,7 @@ if triton is not None:
         (m, k), n = x.shape, weight.shape[0] // 2
         half = output_columns_per_tile(n)
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        programs = min(processors(x.device), triton.cdiv(m, BLOCK_M) * (n // half))
+        programs = min(PER_SM * processors(x.device), triton.cdiv(m, BLOCK_M) * (n // half))
         _geglu_kernel[(programs,)](
             TensorDescriptor.from_tensor(x, [BLOCK_M, BLOCK_K]),
             TensorDescriptor.from_tensor(weight.view(2, n, k), [2, half, BLOCK_K]), bias,
