@@ -52,7 +52,7 @@ def kernel_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
     n, k = weight.shape[0] // 2, weight.shape[1]
     return (triton is not None and x.is_cuda and x.dtype == torch.float16 and weight.dtype == torch.float16
             and torch.cuda.get_device_properties(x.device).major >= 9   # TMA; torch.compile folds this call
-            and k % 8 == 0 and n % 16 == 0   # TMA: rows of 16-byte multiples; whole tiles of output columns
+            and x.numel() > 0 and k % 8 == 0 and n % 16 == 0   # TMA: 16-byte rows; whole tiles of columns
             and (torch.compiler.is_compiling() or kernel_works(x.device)))
 
 
@@ -113,7 +113,9 @@ if triton is not None:
 
     def geglu_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """The kernel on x (m, k), weight (2 n, k), bias (2 n,) -> (m, n)."""
-        x, weight = x.contiguous(), weight.contiguous()
+        # TMA reads from 16-byte aligned addresses: a view that starts elsewhere is copied
+        x, weight = (t.contiguous() if t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
+                     for t in (x, weight))
         (m, k), n = x.shape, weight.shape[0] // 2
         half = output_columns_per_tile(n)
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
