@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .kernel_probe import kernel_runs
 
 try:
     import triton
@@ -59,18 +60,11 @@ def kernel_serves(q: torch.Tensor) -> bool:
 
 @functools.cache
 def kernel_works(device: torch.device) -> bool:
-    """Whether the kernel runs on `device`; else warn once, and SDPA serves.
-
-    Triton builds a small C launcher on first use, which fails where no C
-    compiler is installed (slim containers). torch.compile needs one anyway.
-    """
-    try:
+    """Whether the kernel runs on `device`; else warn once, and SDPA serves."""
+    def probe(device):
         x = torch.zeros(1, 1, 1, HEAD_SIZES[0], device=device, dtype=torch.float16)
         torch.ops.modelscope_t2v.frame_attention(x, x, x)
-        return True
-    except Exception as error:  # whatever Triton raises, SDPA still gives the same attention
-        warnings.warn(f'temporal attention runs on SDPA: the Triton kernel failed on {device} ({error})')
-        return False
+    return kernel_runs(probe, device, 'temporal attention runs on SDPA')
 
 
 def efficient_sdpa():

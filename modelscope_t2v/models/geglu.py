@@ -16,10 +16,11 @@ F.gelu, so the CPU path is unchanged.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 import torch.nn.functional as F
+
+from .kernel_probe import kernel_runs
 
 try:
     import triton
@@ -58,18 +59,11 @@ def kernel_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 @functools.cache
 def kernel_works(device: torch.device) -> bool:
-    """Whether the kernel runs on `device`; else warn once, and F.linear serves.
-
-    Triton builds a small C launcher on first use, which fails where no C
-    compiler is installed (slim containers). torch.compile needs one anyway.
-    """
-    try:
+    """Whether the kernel runs on `device`; else warn once, and F.linear serves."""
+    def probe(device):
         x, weight, bias = (torch.zeros(shape, device=device, dtype=torch.float16) for shape in [(1, 16), (32, 16), 32])
         torch.ops.modelscope_t2v.geglu(x, weight, bias)
-        return True
-    except Exception as error:  # whatever Triton raises, F.linear still gives the same GEGLU
-        warnings.warn(f'GEGLU runs on F.linear: the Triton kernel failed on {device} ({error})')
-        return False
+    return kernel_runs(probe, device, 'GEGLU runs on F.linear')
 
 
 def output_columns_per_tile(n: int) -> int:
