@@ -19,3 +19,23 @@ def run_interpreted(code: str) -> str:
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
+
+
+def tiny_unet_kernel_vs_plain(switch: str, report: str = '') -> list:
+    """The tiny UNet3D (float32) run plain, then again after `switch`, one line of code that routes a layer
+    through its kernel (interpreted): [relative difference, then the value of each `report` expression]."""
+    out = run_interpreted(f'''
+        import torch
+        from modelscope_t2v.config import TINY
+        from modelscope_t2v.models.unet3d import UNet3D
+        from reference import randomize_, rel_err
+        unet = randomize_(UNet3D(TINY.unet), 0).eval()
+        g = torch.Generator().manual_seed(1)
+        x, context = torch.randn(2, 4, 16, 8, 8, generator=g), torch.randn(2, 77, TINY.unet.context_dim, generator=g)
+        t = torch.tensor([981, 21])
+        with torch.no_grad():
+            plain = unet(x, t, context)
+            {switch}
+            print(rel_err(unet(x, t, context), plain), {report})
+    ''')
+    return [float(value) for value in out.split()]

@@ -6,7 +6,7 @@ No GPU here: Triton's interpreter runs the same kernel code with NumPy.
 import warnings
 
 import torch
-from interpreted import run_interpreted
+from interpreted import run_interpreted, tiny_unet_kernel_vs_plain
 
 from modelscope_t2v.models import frame_attention as fa
 
@@ -32,22 +32,8 @@ def test_kernel_equals_float32_attention():
 
 
 def test_unet_with_kernel_equals_unet_with_sdpa():
-    out = run_interpreted('''
-        import torch
-        from modelscope_t2v.config import TINY
-        from modelscope_t2v.models import frame_attention
-        from modelscope_t2v.models.unet3d import UNet3D
-        from reference import randomize_, rel_err
-        unet = randomize_(UNet3D(TINY.unet), 0).eval()
-        g = torch.Generator().manual_seed(1)
-        x, context = torch.randn(2, 4, 16, 8, 8, generator=g), torch.randn(2, 77, TINY.unet.context_dim, generator=g)
-        t = torch.tensor([981, 21])
-        with torch.no_grad():
-            plain = unet(x, t, context)
-            frame_attention.kernel_serves = lambda q: True   # the kernel on the CPU, interpreted
-            print(rel_err(unet(x, t, context), plain))
-    ''')
-    err = float(out)
+    err, = tiny_unet_kernel_vs_plain(
+        'from modelscope_t2v.models import frame_attention; frame_attention.kernel_serves = lambda q: True')
     print(f'tiny UNet3D, temporal attention in the kernel vs SDPA (float32): {err:.2e}')
     assert err < 1e-5
 

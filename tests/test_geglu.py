@@ -6,7 +6,7 @@ No GPU here: Triton's interpreter runs the same kernel code with NumPy.
 import warnings
 
 import torch
-from interpreted import run_interpreted
+from interpreted import run_interpreted, tiny_unet_kernel_vs_plain
 
 from modelscope_t2v.models import geglu as geglu_lib
 
@@ -36,26 +36,11 @@ def test_kernel_equals_float32_geglu():
 
 
 def test_unet_with_kernel_equals_unet_with_linear():
-    out = run_interpreted('''
-        import torch
-        from modelscope_t2v.config import TINY
-        from modelscope_t2v.models import geglu
-        from modelscope_t2v.models.unet3d import UNet3D
-        from reference import randomize_, rel_err
-        unet = randomize_(UNet3D(TINY.unet), 0).eval()
-        g = torch.Generator().manual_seed(1)
-        x, context = torch.randn(2, 4, 16, 8, 8, generator=g), torch.randn(2, 77, TINY.unet.context_dim, generator=g)
-        t = torch.tensor([981, 21])
-        calls = []
-        with torch.no_grad():
-            plain = unet(x, t, context)
-            geglu.kernel_serves = lambda x, weight: calls.append(x.shape) or True   # the kernel, interpreted
-            fused = unet(x, t, context)
-        print(len(calls), rel_err(fused, plain))
-    ''')
-    calls, err = out.split()
-    print(f'tiny UNet3D (float32), {calls} GEGLU calls in the kernel vs F.linear: {float(err):.2e}')
-    assert int(calls) > 0 and float(err) < 1e-5
+    err, calls = tiny_unet_kernel_vs_plain(
+        'from modelscope_t2v.models import geglu; calls = []; '
+        'geglu.kernel_serves = lambda x, weight: calls.append(x.shape) or True', report='len(calls)')
+    print(f'tiny UNet3D (float32), {calls:.0f} GEGLU calls in the kernel vs F.linear: {err:.2e}')
+    assert calls > 0 and err < 1e-5
 
 
 def test_cpu_runs_linear_unchanged():
