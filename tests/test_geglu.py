@@ -35,6 +35,24 @@ def test_kernel_equals_float32_geglu():
     assert len(errors) == 3 and max(errors) < 2e-3   # float16 inputs and output: rounding ~5e-4
 
 
+def test_kernel_gelu_equals_exact_erf_gelu():
+    # a = 1 (zero a rows, bias 1) and g = x (identity g rows), in float32: the output is the kernel's gelu alone
+    out = run_interpreted('''
+        import torch
+        import modelscope_t2v.models.geglu   # registers the op
+        g = torch.linspace(-10, 10, 16 * 1024).view(-1, 16)
+        weight = torch.cat([torch.zeros(16, 16), torch.eye(16)])
+        bias = torch.cat([torch.ones(16), torch.zeros(16)])
+        out = torch.ops.modelscope_t2v.geglu(g, weight, bias).double()
+        exact = 0.5 * g.double() * (1 + torch.erf(g.double() / 2 ** 0.5))
+        print((out - exact).abs().max().item(), ((out - exact).abs() / exact.abs())[exact.abs() > 1e-3].max().item())
+    ''')
+    absolute, relative = (float(v) for v in out.split())
+    print(f'kernel gelu vs float64 erf gelu on [-10, 10]: max abs {absolute:.1e}, '
+          f'max rel {relative:.1e} where |gelu| > 1e-3')
+    assert absolute < 1e-6 and relative < 2.5e-4   # erfc to 1.5e-7 (A&S 7.1.26); float16 resolves 4.9e-4
+
+
 def test_unet_with_kernel_equals_unet_with_linear():
     err, calls = tiny_unet_kernel_vs_plain(
         'from modelscope_t2v.models import geglu; calls = []; '
