@@ -8,7 +8,15 @@ import time
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+import modelscope_t2v.models.layers  # noqa: F401 (defines torch.ops.modelscope_t2v.addmm_)
 from modelscope_t2v.models import geglu
+
+
+@register_flop_formula(torch.ops.modelscope_t2v.addmm_)
+def _addmm_flops(acc_shape, a_shape, b_shape, *args, **kwargs) -> int:
+    """The feed-forward's second GEMM, in place: (m, k) @ (k, n)."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
 
 if geglu.triton is not None:
     @register_flop_formula(torch.ops.modelscope_t2v.geglu)

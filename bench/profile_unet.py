@@ -149,7 +149,7 @@ class KVOnceSpatialTransformer(SpatialTransformer):
         for blk in self.transformer_blocks:
             y = blk.attn1(blk.norm1(y)) + y
             y = cross_attention_per_video(blk.attn2, blk.norm2(y), context, cond.frames) + y
-            y = blk.ff(blk.norm3(y)) + y
+            y = blk.ff(blk.norm3(y), y)
         return x + rearrange(self.proj_out(y), 'n (h w) c -> n c h w', h=h, w=w)
 
 

@@ -22,8 +22,9 @@ cuDNN (3, 1) Conv2d over frames and pixels: frame_conv_as_conv2d), conv3d-taps (
 channels-last activations), ff-l2-chunks-32mb and ff-l2-chunks-16mb (each feed-forward on row chunks
 whose intermediates fit the L2 cache: feed_forward_in_l2_chunks), plain-geglu (each GEGLU as F.linear and
 a fused gelu-multiply, not the package's kernel), geglu-config (the GEGLU kernel with the tile config of
-GEGLU_CONFIG), ff-residual-in-gemm (each transformer block's last residual added by the feed-forward's
-second GEMM: addmm with C = x + bias), fp16-accumulation (cuBLAS sums
+GEGLU_CONFIG), residual-after-ff (each transformer block's last residual added by a kernel of its own
+after the feed-forward's second GEMM, not by that GEMM), addmm-copy (that GEMM as torch.addmm, which
+copies the residual to its output first, not in place), fp16-accumulation (cuBLAS sums
 its products in fp16: less work per product, less exact), cublaslt (cuBLASLt's choice of GEMM
 kernels). Each is reduce-overhead with the one change named. Then one-graph and two-graphs (CUDA
 only): guided eps, guidance included, captured by hand as one CUDA graph or as two used in turn (see
@@ -368,10 +369,10 @@ def feed_forward_in_l2_chunks(megabytes):
     layers.FeedForward for the rest of the process: give it alone or with --parallel."""
     from modelscope_t2v.models import layers
 
-    def forward(self, x):
+    def forward(self, x, residual):
         rows = x.reshape(-1, x.shape[-1])                                              # (n, c)
         chunks = -(-rows.shape[0] * 12 * x.shape[-1] * x.element_size() // (megabytes << 20))
-        return torch.cat([self.net(chunk) for chunk in rows.chunk(chunks)]).view(x.shape)
+        return torch.cat([self.net(chunk) for chunk in rows.chunk(chunks)]).view(x.shape) + residual
     layers.FeedForward.forward = forward
     return guided_eps(compiled())
 
@@ -395,26 +396,21 @@ def geglu_config():
     return guided_eps(compiled())
 
 
-def ff_residual_in_gemm():
-    """The package's compiled path with each transformer block's last residual added by the feed-forward's
-    second GEMM (addmm, C = x + bias: inductor can write that beside the LayerNorm before it), not by a
-    kernel of its own after the GEMM. Patches layers.TransformerBlock for the rest of the process: give it
-    alone or with --parallel."""
-    from einops import rearrange
-
+def residual_after_feed_forward():
+    """The package's compiled path with each transformer block's last residual added after the feed-forward's
+    second GEMM (F.linear, then + x), not by that GEMM (addmm with C = x + bias). Patches
+    layers.FeedForward for the rest of the process: give it alone or with --parallel."""
     from modelscope_t2v.models import layers
+    layers.FeedForward.forward = lambda self, x, residual: self.net(x) + residual
+    return guided_eps(compiled())
 
-    def forward(self, x, context=None, frames=1):
-        x = self.attn1(self.norm1(x)) + x   # as TransformerBlock.forward, up to the feed-forward
-        if context is None:
-            x = self.attn2(self.norm2(x)) + x
-        else:
-            q = rearrange(self.norm2(x), '(b f) l c -> b (f l) c', f=frames)
-            x = rearrange(self.attn2(q, context), 'b (f l) c -> (b f) l c', f=frames) + x
-        geglu, out = self.ff.net[0], self.ff.net[2]
-        h = geglu(self.norm3(x))                                                      # (n, l, 4 dim)
-        return torch.addmm((x + out.bias).flatten(0, -2), h.flatten(0, -2), out.weight.T).view(x.shape)
-    layers.TransformerBlock.forward = forward
+
+def residual_copied_into_addmm():
+    """The package's compiled path with each feed-forward's second GEMM as torch.addmm(residual + bias, ...),
+    which copies its first operand to its output first, not in place. Patches layers.addmm_ for the rest of
+    the process: give it alone or with --parallel."""
+    from modelscope_t2v.models import layers
+    layers.addmm_ = lambda acc, a, b: acc.copy_(torch.addmm(acc, a, b))
     return guided_eps(compiled())
 
 
@@ -443,7 +439,8 @@ VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'ff-l2-chunks-16mb': lambda: feed_forward_in_l2_chunks(16),
     'plain-geglu': plain_geglu,
     'geglu-config': geglu_config,
-    'ff-residual-in-gemm': ff_residual_in_gemm,
+    'residual-after-ff': residual_after_feed_forward,
+    'addmm-copy': residual_copied_into_addmm,
     'fp16-accumulation': lambda: with_fp16_accumulation(lambda: guided_eps(compiled())),
     'cublaslt': lambda: with_cublaslt(lambda: guided_eps(compiled())),
     'one-graph': lambda: graphs_in_turn(1),

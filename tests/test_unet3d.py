@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from modelscope_t2v.config import FULL, TINY, replace
+from modelscope_t2v.models.layers import FeedForward, addmm_
 from modelscope_t2v.models.unet3d import UNet3D
 from reference import randomize_, reference_unet, rel_err
 
@@ -91,3 +92,19 @@ def test_full_size_structure_matches_reference():
     n = sum(v.numel() for v in ours.state_dict().values())
     print(f'UNet3D full size: {n / 1e6:.1f} M parameters')
     assert 1.3e9 < n < 1.5e9
+
+
+def test_feed_forward_adds_its_residual_in_place_of_its_gemm_output():
+    g = torch.Generator().manual_seed(3)
+    ff = randomize_(FeedForward(16), 3)
+    x, residual = torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 16, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(ff(x, residual), ff.net(x) + residual, rtol=1e-6, atol=1e-6)
+    grads = [torch.autograd.grad(f().sum(), ff.net[2].weight)[0] for f in (lambda: ff(x, residual),
+                                                                           lambda: ff.net(x) + residual)]
+    torch.testing.assert_close(*grads, rtol=1e-6, atol=1e-6)   # with gradients on, out of place
+    acc, a, b = torch.randn(4, 3, generator=g), torch.randn(4, 6, generator=g), torch.randn(6, 3, generator=g)
+    expected, storage = acc + a @ b, acc.data_ptr()
+    addmm_(acc, a, b)
+    assert acc.data_ptr() == storage
+    torch.testing.assert_close(acc, expected, rtol=1e-6, atol=1e-6)
