@@ -9,9 +9,9 @@ weighted sum stay in registers, and q, k, v are read in the projections' own
 layout, without a transpose copy.
 
 The kernel serves float16 CUDA tensors (the dtype it was measured and checked
-in) of up to MAX_FRAMES frames and a power-of-two head size from 16 to 128;
-everything else (the CPU, bfloat16, float32, long sequences) runs SDPA, so the
-CPU path is unchanged.
+in) of up to MAX_FRAMES frames and a power-of-two head size from 16 to 128,
+with gradients off (it has no backward); everything else (the CPU, bfloat16,
+float32, long sequences, training) runs SDPA, so the CPU path is unchanged.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 def kernel_serves(q: torch.Tensor) -> bool:
     return (triton is not None and q.is_cuda and q.dtype == torch.float16
+            and not torch.is_grad_enabled()   # inference only: the kernel has no backward
             and q.shape[1] <= MAX_FRAMES and q.shape[3] in HEAD_SIZES
             and (torch.compiler.is_compiling() or kernel_works(q.device)))
 
