@@ -35,7 +35,7 @@ import peers  # noqa: E402
 from measure import count_flops, matmul_ceiling, median_time, peak_gib, psnr, timed  # noqa: E402
 from modelscope_t2v import TextToVideo, parse_request  # noqa: E402
 from modelscope_t2v.config import FULL, TINY  # noqa: E402
-from modelscope_t2v.sampling import denoise, guided  # noqa: E402
+from modelscope_t2v.sampling import denoise  # noqa: E402
 from modelscope_t2v.schedulers import make_scheduler  # noqa: E402
 from modelscope_t2v.text_to_video import to_uint8_frames  # noqa: E402
 from modelscope_t2v.tools.make_random_model import write_model_dir  # noqa: E402
@@ -94,8 +94,8 @@ def bench_ours(engine: TextToVideo, args, label: str) -> dict:
     stages = {}
     (context, uncond), stages['text'] = timed(lambda: engine.encode_prompts([PROMPT], ['']))
     noise = engine.initial_noise(request).to(engine.device, engine.dtype)
-    model_fn = guided(engine.unet, 9.0, uncond)
-    run_denoise = lambda: denoise(model_fn, noise, context, make_scheduler('ddim', engine.config.diffusion), 50)  # noqa: E731
+    model_fn = engine.guided_unet(context, uncond, 9.0)
+    run_denoise = lambda: denoise(model_fn, noise, None, make_scheduler('ddim', engine.config.diffusion), 50)  # noqa: E731
     latents, _ = timed(run_denoise)
     stages['denoise'] = median_time(run_denoise, args.runs)
     stages['decode'] = median_time(lambda: engine.decode(latents), args.runs)

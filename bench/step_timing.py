@@ -24,7 +24,8 @@ whose intermediates fit the L2 cache: feed_forward_in_l2_chunks), plain-geglu (e
 a fused gelu-multiply, not the package's kernel), geglu-config (the GEGLU kernel with the tile config of
 GEGLU_CONFIG), residual-after-ff (each transformer block's last residual added by a kernel of its own
 after the feed-forward's second GEMM, not by that GEMM), addmm-copy (that GEMM as torch.addmm, which
-copies the residual to its output first, not in place), fp16-accumulation (cuBLAS sums
+copies the residual to its output first, not in place), text-at-every-step (the texts' keys and values
+projected at every step, not once per generation), fp16-accumulation (cuBLAS sums
 its products in fp16: less work per product, less exact), cublaslt (cuBLASLt's choice of GEMM
 kernels). Each is reduce-overhead with the one change named. Then one-graph and two-graphs (CUDA
 only): guided eps, guidance included, captured by hand as one CUDA graph or as two used in turn (see
@@ -252,8 +253,18 @@ def with_cublaslt(make):
 
 
 def guided_eps(model):
-    """Guidance around the model, outside its graph: the package's loop."""
-    return guided(model, 9.0, unc)
+    """Guidance around the model, outside its graph, the texts remembered: the package's loop
+    (TextToVideo.guided_unet). Called as eps_fn(x, t, ctx), it leaves ctx, the same text, unused."""
+    model.remember_text(torch.cat([unc, ctx]))
+    eps = guided(model, 9.0)
+    return lambda x, t, context: eps(x, t, None)
+
+
+def text_at_every_step():
+    """The package's compiled path given the texts at every step, each cross-attention projecting their keys
+    and values again at each, not once (UNet3D.remember_text)."""
+    eps, texts = guided(compiled(), 9.0), torch.cat([unc, ctx])
+    return lambda x, t, context: eps(x, t, texts)
 
 
 def graphs_in_turn(copies):
@@ -441,6 +452,7 @@ VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'geglu-config': geglu_config,
     'residual-after-ff': residual_after_feed_forward,
     'addmm-copy': residual_copied_into_addmm,
+    'text-at-every-step': text_at_every_step,
     'fp16-accumulation': lambda: with_fp16_accumulation(lambda: guided_eps(compiled())),
     'cublaslt': lambda: with_cublaslt(lambda: guided_eps(compiled())),
     'one-graph': lambda: graphs_in_turn(1),

@@ -2,7 +2,8 @@
 
 A model is any `model_fn(x, t, context) -> eps` on `b c f h w` latents. Its
 context may hold k texts per video, `(k b, 77, d)` text-major; it then
-returns one eps per text, `(k b, c, f, h, w)`, as UNet3D does.
+returns one eps per text, `(k b, c, f, h, w)`, as UNet3D does. The context
+may be None for a model that remembers its texts (UNet3D.remember_text).
 """
 
 from __future__ import annotations
@@ -12,30 +13,31 @@ from typing import Callable, Optional
 
 import torch
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ModelFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 # callback(step, timestep, latents) after each step
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
-def guided(model_fn: ModelFn, scale: float, uncond: torch.Tensor) -> ModelFn:
+def guided(model_fn: ModelFn, scale: float) -> ModelFn:
     """Classifier-free guidance (Ho & Salimans 2022): eps_u + s (eps_c - eps_u).
 
-    Both branches run as one batch of two texts per video (UNet3D runs the
-    layers before the text once for both); with s <= 1 guidance is off and
-    the conditional branch runs alone (one UNet pass per step).
+    The model's context holds two texts per video, the unconditional ones
+    first: `(2 b, 77, d)`, both branches in one batch (UNet3D runs the layers
+    before the text once for both). With s <= 1 guidance is off: the model
+    returns the conditional eps alone (one text per video, one UNet pass).
     """
     if scale <= 1.0:
         return model_fn
 
-    def fn(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        # x: (b, c, f, h, w); context, uncond: (b, 77, d)
-        eps_u, eps_c = model_fn(x, t, torch.cat([uncond, context])).chunk(2)
+    def fn(x: torch.Tensor, t: torch.Tensor, context: Optional[torch.Tensor]) -> torch.Tensor:
+        # x: (b, c, f, h, w); context: (2 b, 77, d), or None where the model remembers its texts
+        eps_u, eps_c = model_fn(x, t, context).chunk(2)
         return eps_u + scale * (eps_c - eps_u)
 
     return fn
 
 
-def denoise(model_fn: ModelFn, noise: torch.Tensor, context: torch.Tensor, scheduler,
+def denoise(model_fn: ModelFn, noise: torch.Tensor, context: Optional[torch.Tensor], scheduler,
             num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None,
             callback: Optional[StepCallback] = None, progress: Callable = iter) -> torch.Tensor:
     """Run the reverse diffusion from `noise` (b c f h w, unit variance) to clean latents."""

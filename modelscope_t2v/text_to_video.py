@@ -150,6 +150,12 @@ class TextToVideo:
         with self.on_device(self.autoencoder) as autoencoder:
             return autoencoder.decode_video(latents, chunk_frames)
 
+    def guided_unet(self, context: torch.Tensor, uncond: Optional[torch.Tensor], scale: float):
+        """eps(x, t, None) of the UNet guided by these texts (uncond None: guidance off). Their keys and
+        values are projected once here, not at every step (UNet3D.remember_text)."""
+        self.unet.remember_text(context if uncond is None else torch.cat([uncond, context]))
+        return guided(self.unet, scale)
+
     def initial_noise(self, request: GenerationRequest) -> torch.Tensor:
         """Unit Gaussian latents (n, c, f, h/8, w/8), drawn on the CPU as the original does.
 
@@ -183,10 +189,10 @@ class TextToVideo:
 
         # 4. denoise; stochastic samplers (eta > 0, ancestral, SDE) draw their noise from the seed too
         scheduler = make_scheduler(request.sampler, self.config.diffusion)
-        model_fn = guided(self.unet, request.guidance_scale, uncond)
+        model_fn = self.guided_unet(context, uncond, request.guidance_scale)
         step_noise = (request.generator if request.generator is not None
                       else torch.Generator().manual_seed(request.seed))
-        latents = denoise(model_fn, noise, context, scheduler, request.num_inference_steps,
+        latents = denoise(model_fn, noise, None, scheduler, request.num_inference_steps,
                           eta=request.eta, generator=step_noise,
                           callback=_checked_callback(request.callback), progress=_progress(request))
         parameters = [self.parameters(request, i, prompts, negatives) for i in range(request.num_videos)]

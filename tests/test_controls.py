@@ -133,11 +133,12 @@ def test_latents_are_the_starting_noise(generate, unet_inputs):
 
 @pytest.mark.parametrize('scale, texts', [(1.0, 2), (9.0, 4)])
 def test_guidance_scale_sets_texts_per_unet_call(generate, tiny_engine, scale, texts):
-    """Guidance gives the UNet each video's two texts in one call (the videos once: UNet3D shares its first layers)."""
+    """Guidance gives the UNet each video's two texts in one call (the videos once: UNet3D shares its first layers);
+    the UNet remembers them for the generation, so each call passes no context."""
     forward, batches = tiny_engine.unet.forward, []
 
-    def record(x, t, context):
-        batches.append((x.shape[0], t.shape[0], context.shape[0]))
+    def record(x, t, context=None):
+        batches.append((x.shape[0], t.shape[0], context, tiny_engine.unet.remembered_texts))
         return forward(x, t, context)
 
     tiny_engine.unet.forward = record
@@ -146,7 +147,7 @@ def test_guidance_scale_sets_texts_per_unet_call(generate, tiny_engine, scale, t
                           output_type='latents')
     finally:
         del tiny_engine.unet.forward
-    assert batches == [(2, 2, texts)] * 3  # one call per step
+    assert batches == [(2, 2, None, texts)] * 3  # one call per step
     assert result.parameters[0]['guidance_scale'] == scale
 
 

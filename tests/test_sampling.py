@@ -48,7 +48,7 @@ def test_guided_ddim_trajectory_matches_reference():
 
     our_path = []
     with torch.no_grad():
-        denoise(guided(ours, 9.0, empty), noise, text, make_scheduler('ddim', FULL.diffusion), 50,
+        denoise(guided(ours, 9.0), noise, torch.cat([empty, text]), make_scheduler('ddim', FULL.diffusion), 50,
                 callback=lambda i, t, lat: our_path.append(lat))
     errors = [rel_err(a, b) for a, b in zip(our_path, ref_path)]
     print(f'DDIM-50 trajectory: first step {errors[0]:.2e}, worst {max(errors):.2e}, '

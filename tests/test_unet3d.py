@@ -108,3 +108,22 @@ def test_feed_forward_adds_its_residual_in_place_of_its_gemm_output():
     addmm_(acc, a, b)
     assert acc.data_ptr() == storage
     torch.testing.assert_close(acc, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_remembered_text_equals_the_text_passed_at_each_call():
+    """A generation projects its texts' keys and values once (remember_text), then calls without a context."""
+    model = randomize_(UNet3D(TINY.unet).eval(), seed=7)
+    g = torch.Generator().manual_seed(8)
+    x, t = torch.randn(1, 4, 5, 8, 8, generator=g), torch.tensor([981])
+    first, second = (torch.randn(2, 77, TINY.unet.context_dim, generator=g) for _ in range(2))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match='remember_text'):
+            model(x, t)
+        model.remember_text(first)
+        assert torch.equal(model(x, t), model(x, t, first))
+        keys = model.input_blocks[1][1].transformer_blocks[0].attn2.text_k
+        storage = keys.data_ptr()
+        model.remember_text(second)   # same shape: written in place, where a CUDA graph reads them
+        assert keys.data_ptr() == storage and model.remembered_texts == 2
+        assert torch.equal(model(x, t), model(x, t, second))
+    assert set(model.state_dict()) == set(UNet3D(TINY.unet).state_dict())   # not saved with the weights

@@ -41,7 +41,11 @@ def _(acc, a, b):
 
 
 class Attention(nn.Module):
-    """Multi-head attention; cross-attention when `context_dim` is given."""
+    """Multi-head attention; cross-attention when `context_dim` is given.
+
+    A cross-attention can keep the keys and values of a text (remember_text) and
+    then run without a context: a generation's text is the same at every step.
+    """
 
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None,
                  attend: AttentionCore = multi_head_sdpa):
@@ -49,16 +53,37 @@ class Attention(nn.Module):
         inner = heads * head_dim
         self.heads = heads
         self.attend = attend
+        self.cross = context_dim is not None
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(0.0))  # key to_out.0
+        if self.cross:   # (n, m, inner) keys and values of the remembered text: buffers (they follow .to()), not saved
+            self.register_buffer('text_k', None, persistent=False)
+            self.register_buffer('text_v', None, persistent=False)
+
+    def remember_text(self, context: torch.Tensor) -> None:
+        """Keep the keys and values of `context` (n, m, context_dim) for calls without a context. They are
+        written in place while their shape holds, so a CUDA graph that reads them stays valid."""
+        k, v = self.to_k(context), self.to_v(context)
+        if self.text_k is not None and (self.text_k.shape, self.text_k.dtype, self.text_k.device) == (
+                k.shape, k.dtype, k.device):
+            self.text_k.copy_(k)
+            self.text_v.copy_(v)
+        else:
+            self.text_k, self.text_v = k, v
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        # x: (n, l, dim); context: (n, m, context_dim) or None for self-attention
-        context = x if context is None else context
-        q, k, v = (rearrange(p, 'n l (h d) -> n l h d', h=self.heads)
-                   for p in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        # x: (n, l, dim); context: (n, m, context_dim); without it a cross-attention uses its remembered text
+        if not self.cross:
+            k, v = self.to_k(x), self.to_v(x)
+        elif context is not None:
+            k, v = self.to_k(context), self.to_v(context)
+        elif self.text_k is not None:
+            k, v = self.text_k, self.text_v
+        else:
+            raise ValueError('cross-attention without a context: pass one, or remember_text(context) first')
+        q, k, v = (rearrange(p, 'n l (h d) -> n l h d', h=self.heads) for p in (self.to_q(x), k, v))
         return self.to_out(rearrange(self.attend(q, k, v), 'n l h d -> n l (h d)'))
 
 
@@ -109,9 +134,10 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, frames: int = 1) -> torch.Tensor:
-        # x: ((b f), l, dim); context: (b, m, context_dim), one text per video of `frames` frames
+        # x: ((b f), l, dim); context: (b, m, context_dim), one text per video of `frames` frames, or None
+        # for the text attn2 remembers
         x = self.attn1(self.norm1(x)) + x
-        if context is None:
+        if not self.attn2.cross:
             x = self.attn2(self.norm2(x)) + x
         else:  # the queries of all frames of a video meet its text at once: keys and values once per video
             q = rearrange(self.norm2(x), '(b f) l c -> b (f l) c', f=frames)

@@ -19,7 +19,7 @@ from torch import nn
 from ..config import UNetConfig
 from .frame_attention import frame_attention
 from .group_norm import GroupNorm
-from .layers import TransformerBlock, timestep_embedding
+from .layers import Attention, TransformerBlock, timestep_embedding
 
 
 @dataclass
@@ -31,8 +31,8 @@ class Conditioning:
     every video runs once per text, on (k b f) rows ordered text-major like
     the context.
     """
-    emb: torch.Tensor       # (k b f, embed_dim) timestep embedding, one row per frame
-    context: torch.Tensor   # (k b, 77, context_dim) text embeddings, k per video, text-major
+    emb: torch.Tensor       # (k b f, embed_dim) SiLU of the timestep embedding, one row per frame
+    context: torch.Tensor | None   # (k b, 77, context_dim) texts, k per video, text-major; None: remembered
     frames: int             # f, to unfold (b f) for temporal layers
 
     def per_text(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,8 +133,9 @@ class ResBlock(nn.Module):
         self.temopral_conv = TemporalConv(out_dim)
 
     def forward(self, x, cond: Conditioning):
-        # x: ((b f), c, h, w); the first b f rows of cond.emb serve the rows shared by all texts too
-        h = self.in_layers(x) + self.emb_layers(cond.emb[:x.shape[0]])[:, :, None, None].to(x.dtype)
+        # x: ((b f), c, h, w); the first b f rows of cond.emb serve the rows shared by all texts too.
+        # emb_layers is SiLU then Linear; cond.emb holds the SiLU already, taken once for every block
+        h = self.in_layers(x) + self.emb_layers[1](cond.emb[:x.shape[0]])[:, :, None, None].to(x.dtype)
         h = self.skip_connection(x) + self.out_layers(h)
         h = rearrange(h, '(b f) c h w -> b c f h w', f=cond.frames)
         h = self.temopral_conv(h)
@@ -225,6 +226,7 @@ class UNetBlock(nn.ModuleList):
 class UNet3D(nn.Module):
     """eps = UNet3D(x_t, t, texts): (b, c, f, h, w) -> (k b, c, f, h, w) for k texts per video."""
     channels_last = False   # set by to_channels_last()
+    remembered_texts = 0    # rows (k b) of the text last given to remember_text
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -298,19 +300,31 @@ class UNet3D(nn.Module):
         self.channels_last = True
         return self
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x: (b, c, f, h, w) noisy latents; t: (b,) diffusion times; context: (k b, 77, context_dim).
+    def remember_text(self, context: torch.Tensor) -> None:
+        """Project `context` (k b, 77, context_dim) to every cross-attention's keys and values once, for the
+        calls forward(x, t) without a context that follow: a generation's text is the same at every step, so
+        its 2 x 16 small GEMMs need not run at each."""
+        for module in self.modules():
+            if isinstance(module, Attention) and module.cross:
+                module.remember_text(context)
+        self.remembered_texts = context.shape[0]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (b, c, f, h, w) noisy latents; t: (b,) diffusion times; context: (k b, 77, context_dim), or
+        None for the text given to remember_text.
 
         With k texts per video (text-major: rows j b .. j b + b - 1 are text j)
         the result is (k b, c, f, h, w), one prediction per text; the layers
         before the first cross-attention run once per video for all k.
         """
         b, frames = x.shape[0], x.shape[2]
-        if context.shape[0] % b:
-            raise ValueError(f'context holds {context.shape[0]} texts for {b} videos: need a multiple of {b}')
-        texts = context.shape[0] // b
+        rows = self.remembered_texts if context is None else context.shape[0]
+        if rows == 0 or rows % b:
+            raise ValueError(f'context holds {rows} texts for {b} videos: need a positive multiple of {b}'
+                             + (' (remember_text gave none)' if context is None else ''))
+        texts = rows // b
         emb = self.time_embed(timestep_embedding(t, self.config.dim).to(x.dtype))   # (b, embed_dim)
-        cond = Conditioning(emb=emb.repeat(texts, 1).repeat_interleave(frames, dim=0), context=context,
+        cond = Conditioning(emb=F.silu(emb).repeat(texts, 1).repeat_interleave(frames, dim=0), context=context,
                             frames=frames)
         h = rearrange(x, 'b c f h w -> (b f) c h w')
         if self.channels_last:
