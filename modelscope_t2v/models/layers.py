@@ -66,12 +66,12 @@ class Attention(nn.Module):
         """Keep the keys and values of `context` (n, m, context_dim) for calls without a context. They are
         written in place while their shape holds, so a CUDA graph that reads them stays valid."""
         k, v = self.to_k(context), self.to_v(context)
-        if self.text_k is not None and (self.text_k.shape, self.text_k.dtype, self.text_k.device) == (
-                k.shape, k.dtype, k.device):
-            self.text_k.copy_(k)
-            self.text_v.copy_(v)
-        else:
+        kept = self.text_k
+        if kept is None or (kept.shape, kept.dtype, kept.device) != (k.shape, k.dtype, k.device):
             self.text_k, self.text_v = k, v
+            return
+        kept.copy_(k)
+        self.text_v.copy_(v)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         # x: (n, l, dim); context: (n, m, context_dim); without it a cross-attention uses its remembered text
