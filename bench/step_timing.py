@@ -24,11 +24,13 @@ whose intermediates fit the L2 cache: feed_forward_in_l2_chunks), plain-geglu (e
 a fused gelu-multiply, not the package's kernel), geglu-config (the GEGLU kernel with the tile config of
 GEGLU_CONFIG), residual-after-ff (each transformer block's last residual added by a kernel of its own
 after the feed-forward's second GEMM, not by that GEMM), addmm-copy (that GEMM as torch.addmm, which
-copies the residual to its output first, not in place), text-at-every-step (the texts' keys and values
-projected at every step, not once per generation), fp16-accumulation (cuBLAS sums
-its products in fp16: less work per product, less exact), cublaslt (cuBLASLt's choice of GEMM
-kernels). Each is reduce-overhead with the one change named. Then one-graph and two-graphs (CUDA
-only): guided eps, guidance included, captured by hand as one CUDA graph or as two used in turn (see
+copies the residual to its output first, not in place), gemm-taps (each temporal conv as a GEMM into 3 co
+tap columns and a frame-shifted sum, not the package's kernel), frame-conv-large (the kernel only at the
+32x32 and 16x16 levels), frame-conv-config (the kernel with the tile config of FRAME_CONV_CONFIG),
+text-at-every-step (the texts' keys and values projected at every step, not once per generation),
+fp16-accumulation (cuBLAS sums its products in fp16: less work per product, less exact), cublaslt (cuBLASLt's
+choice of GEMM kernels). Each is reduce-overhead with the one change named. Then one-graph and two-graphs
+(CUDA only): guided eps, guidance included, captured by hand as one CUDA graph or as two used in turn (see
 graphs_in_turn).
 
 Compiling a variant takes minutes of CPU; with --parallel every variant compiles at once in its own
@@ -407,6 +409,21 @@ def geglu_config():
     return guided_eps(compiled())
 
 
+def temporal_conv_kernel(where):
+    """The package's compiled path with the temporal-conv kernel (models/frame_conv.py) only on calls where
+    `where(rows, taps)` holds; elsewhere the GEMM into 3 co tap columns and the frame-shifted sum, which
+    inductor fuses into the GroupNorm after it. FRAME_CONV_CONFIG ('block_m,max_n,block_k,warps,stages',
+    bench/frame_conv_gemm.py's CONFIGS) sets the kernel's tile config. Changes models.frame_conv for the rest
+    of the process: give it alone or with --parallel."""
+    from modelscope_t2v.models import frame_conv
+    if 'FRAME_CONV_CONFIG' in os.environ:
+        (frame_conv.BLOCK_M, frame_conv.MAX_N, frame_conv.BLOCK_K, frame_conv.WARPS,
+         frame_conv.STAGES) = (int(v) for v in os.environ['FRAME_CONV_CONFIG'].split(','))
+    serves = frame_conv.kernel_serves
+    frame_conv.kernel_serves = lambda rows, taps: where(rows, taps) and serves(rows, taps)
+    return guided_eps(compiled())
+
+
 def residual_after_feed_forward():
     """The package's compiled path with each transformer block's last residual added after the feed-forward's
     second GEMM (F.linear, then + x), not by that GEMM (addmm with C = x + bias). Patches
@@ -451,6 +468,9 @@ VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'plain-geglu': plain_geglu,
     'geglu-config': geglu_config,
     'residual-after-ff': residual_after_feed_forward,
+    'gemm-taps': lambda: temporal_conv_kernel(lambda rows, taps: False),
+    'frame-conv-large': lambda: temporal_conv_kernel(lambda rows, taps: rows.shape[1] >= 16 * 256),
+    'frame-conv-config': lambda: temporal_conv_kernel(lambda rows, taps: True),
     'addmm-copy': residual_copied_into_addmm,
     'text-at-every-step': text_at_every_step,
     'fp16-accumulation': lambda: with_fp16_accumulation(lambda: guided_eps(compiled())),

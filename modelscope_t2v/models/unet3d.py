@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import UNetConfig
 from .frame_attention import frame_attention
+from .frame_conv import frame_conv
 from .group_norm import GroupNorm
 from .layers import Attention, TransformerBlock, timestep_embedding
 
@@ -60,21 +61,16 @@ def linear_as_one_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 def frame_conv_as_gemm(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
-    """conv(x) for a (3, 1, 1) Conv3d with padding (1, 0, 0), as one matrix product.
+    """conv(x) for a (3, 1, 1) Conv3d with padding (1, 0, 0), as one matrix product (frame_conv.py).
 
     x: (b, c, f, h, w), fastest in channels-last memory (b f h w c), where the
-    product reads it without a copy. Row k*co + o of the weight applies tap k
-    of output channel o, so frame t sums tap 0 of frame t-1, tap 1 of frame t
-    and tap 2 of frame t+1 (zeros past the ends, as the padding gives).
+    product reads it without a copy.
     """
     b, c, f, h, w = x.shape
     co = conv.out_channels
-    taps = linear_as_one_gemm(x.permute(0, 2, 3, 4, 1), frame_major_weight(conv))  # (b, f, h, w, 3 co)
-    taps = taps.unflatten(-1, (3, co))                                       # (b, f, h, w, 3, co)
-    out = taps[..., 1, :] + conv.bias
-    out = out + F.pad(taps[:, :-1, ..., 0, :], (0, 0, 0, 0, 0, 0, 1, 0))   # from frame t-1
-    out = out + F.pad(taps[:, 1:, ..., 2, :], (0, 0, 0, 0, 0, 0, 0, 1))    # from frame t+1
-    return out.permute(0, 4, 1, 2, 3)                                        # (b, co, f, h, w)
+    rows = x.permute(0, 2, 3, 4, 1).reshape(b, f * h * w, c)
+    out = frame_conv(rows, frame_major_weight(conv).view(3, co, c), conv.bias, h * w)   # (b, f h w, co)
+    return out.view(b, f, h, w, co).permute(0, 4, 1, 2, 3)                            # (b, co, f, h, w)
 
 
 def frame_major_weight(conv: nn.Conv3d) -> torch.Tensor:
