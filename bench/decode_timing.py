@@ -1,18 +1,24 @@
 """The autoencoder decode of a default generation (16 frames, latent 32x32 -> 256x256), eager and compiled.
 
-    python bench/decode_timing.py        # GPU, real-size random autoencoder, float16
+    python bench/decode_timing.py                        # GPU, real-size random autoencoder, float16
+    python bench/decode_timing.py --kernels-dir=DIR      # also the package's compiled decode's kernels
 
 Prints per variant: first-call seconds (compile), the median seconds of a decode in
 4-frame chunks (the package's CUDA default; compiled as the package compiles, with programmatic
 dependent launch, and with CUDA graphs in mode reduce-overhead), its peak allocated memory, and its largest
 difference from the eager NCHW decode.
+With --kernels-dir=DIR, 3 decodes of the package's compiled path are profiled: ms per decode by kind of
+kernel, and every kernel to DIR/kernels-decode.txt (ms and launches per decode).
 """
+import collections
+import pathlib
+import sys
 import time
 
 import torch
 from einops import rearrange
 
-from measure import median_time, peak_gib, sync
+from measure import kernel_kind, median_time, peak_gib, sync, write_kernel_table
 from modelscope_t2v.config import FULL
 from modelscope_t2v.models.autoencoder import AutoencoderKL
 from modelscope_t2v.text_to_video import compile_options
@@ -37,6 +43,23 @@ def report(name, decode):
           f'max rel diff {err:.1e}', flush=True)
 
 
+def profile_kernels(decode, directory):
+    """Profile 3 decodes: print ms per decode by kind of kernel, write every kernel to directory/kernels-decode.txt."""
+    decode()
+    sync()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            decode()
+        sync()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_kind = collections.defaultdict(float)
+    for k in kernels:
+        by_kind[kernel_kind(k.name)] += k.time_range.elapsed_us() / 3e3
+    print(f'  kernels per decode: {sum(by_kind.values()):.2f} ms in {len(kernels) // 3} launches; ' +
+          ', '.join(f'{kind} {ms:.2f}' for kind, ms in sorted(by_kind.items(), key=lambda item: -item[1])))
+    write_kernel_table(kernels, 3, pathlib.Path(directory, 'kernels-decode.txt'))
+
+
 def decode_copying_chunks(chunk_frames):
     """decode_video, each chunk copied out of the CUDA graph's output before the next replay reuses it."""
     z = rearrange(latents / autoencoder.config.scale_factor, 'b c f h w -> (b f) c h w')
@@ -51,6 +74,9 @@ with torch.no_grad():
     decoder = autoencoder.decoder
     autoencoder.decoder = torch.compile(decoder, dynamic=False, options=compile_options('default'))
     report('compiled channels-last', lambda: autoencoder.decode_video(latents, 4))
+    kernels_dir = next((arg.split('=', 1)[1] for arg in sys.argv if arg.startswith('--kernels-dir=')), None)
+    if kernels_dir:
+        profile_kernels(lambda: autoencoder.decode_video(latents, 4), kernels_dir)
     report('compiled channels-last, 16 at once', lambda: autoencoder.decode_video(latents, 16))
     autoencoder.decoder = torch.compile(decoder, dynamic=False, options=compile_options('reduce-overhead'))
     report('compiled reduce-overhead', lambda: decode_copying_chunks(4))

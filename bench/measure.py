@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import statistics
 import time
 
@@ -9,7 +10,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 import modelscope_t2v.models.layers  # noqa: F401 (defines torch.ops.modelscope_t2v.addmm_)
-from modelscope_t2v.models import geglu
+from modelscope_t2v.models import frame_conv, geglu
 
 
 @register_flop_formula(torch.ops.modelscope_t2v.addmm_)
@@ -23,6 +24,13 @@ if geglu.triton is not None:
     def _geglu_flops(x_shape, weight_shape, *args, **kwargs) -> int:
         """The GEGLU kernel's projection: (m, k) @ (k, 2 n); FlopCounterMode counts no elementwise work."""
         return 2 * x_shape[0] * x_shape[1] * weight_shape[0]
+
+
+if frame_conv.triton is not None:
+    @register_flop_formula(torch.ops.modelscope_t2v.frame_conv)
+    def _frame_conv_flops(rows_shape, taps_shape, *args, **kwargs) -> int:
+        """The temporal-conv kernel: (b n, 3 c) @ (3 c, co), as the Conv3d it replaces counts."""
+        return 2 * rows_shape[0] * rows_shape[1] * rows_shape[2] * taps_shape[0] * taps_shape[1]
 
 
 def sync():
@@ -83,3 +91,22 @@ def count_flops(engine, frames: int, size: int) -> dict:
 def psnr(a, b) -> float:
     mse = ((a.astype('float64') - b.astype('float64')) ** 2).mean()
     return float('inf') if mse == 0 else float(10 * torch.log10(torch.tensor(255.0 ** 2 / mse)))
+
+
+def write_kernel_table(kernels, steps, path):
+    """Every kernel of the profiled steps, costliest first: ms per step, launches per step, full name."""
+    by_name = collections.defaultdict(list)
+    for k in kernels:
+        by_name[k.name].append(k.time_range.elapsed_us())
+    rows = sorted(by_name.items(), key=lambda item: -sum(item[1]))
+    path.write_text(''.join(f'{sum(us) / steps / 1e3:8.3f} ms {len(us) / steps:6.1f}x  {name}\n' for name, us in rows))
+
+
+def kernel_kind(name: str) -> str:
+    """A coarse kind for a kernel name: matrix products, convolutions, attention, Triton fusions by type, copies."""
+    kinds = [('triton reduction', ('triton_red', 'triton_per')), ('triton pointwise', ('triton_poi',)),
+             ('temporal conv (Triton)', ('_frame_conv_kernel',)), ('GEGLU (Triton)', ('_geglu_kernel',)),
+             ('attention', ('sdpa', 'flash', 'fmha', 'frame_attention')),
+             ('convolution (cuDNN)', ('fprop', 'conv')), ('gemm (cuBLAS)', ('nvjet', 'gemm', 'cutlass')),
+             ('memset/memcpy', ('Memset', 'Memcpy'))]
+    return next((kind for kind, keys in kinds if any(key in name for key in keys)), 'other')

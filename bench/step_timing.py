@@ -60,7 +60,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from measure import sync, timed
+from measure import kernel_kind, sync, timed, write_kernel_table
 
 import modelscope_t2v.models.unet3d as unet3d
 from modelscope_t2v.config import FULL, TINY
@@ -212,24 +212,6 @@ def print_kernel_summary(kernels, steps):
     small = sum(gap for gap, _ in idle if 0 < gap < 20) / steps / 1e3
     print(f'   GPU span per step {span:.2f} ms: idle {span - busy:.2f} ms, of which {small:.2f} ms in gaps < 20 us; '
           f'largest gaps (us, after): {[(round(gap), name[:40]) for gap, name in sorted(idle)[-6:]]}')
-
-
-def write_kernel_table(kernels, steps, path):
-    """Every kernel of the profiled steps, costliest first: ms per step, launches per step, full name."""
-    by_name = collections.defaultdict(list)
-    for k in kernels:
-        by_name[k.name].append(k.time_range.elapsed_us())
-    rows = sorted(by_name.items(), key=lambda item: -sum(item[1]))
-    path.write_text(''.join(f'{sum(us) / steps / 1e3:8.3f} ms {len(us) / steps:6.1f}x  {name}\n' for name, us in rows))
-
-
-def kernel_kind(name: str) -> str:
-    """A coarse kind for a kernel name: matrix products, convolutions, attention, Triton fusions by type, copies."""
-    kinds = [('triton reduction', ('triton_red', 'triton_per')), ('triton pointwise', ('triton_poi',)),
-             ('attention', ('sdpa', 'flash', 'fmha', 'frame_attention')),
-             ('convolution (cuDNN)', ('fprop', 'conv')), ('gemm (cuBLAS)', ('nvjet', 'gemm', 'cutlass')),
-             ('memset/memcpy', ('Memset', 'Memcpy'))]
-    return next((kind for kind, keys in kinds if any(key in name for key in keys)), 'other')
 
 
 def compiled(**options):
