@@ -7,8 +7,10 @@ Prints per variant: first-call seconds (compile), the median seconds of a decode
 4-frame chunks (the package's CUDA default; compiled as the package compiles, with programmatic
 dependent launch, and with CUDA graphs in mode reduce-overhead), its peak allocated memory, and its largest
 difference from the eager NCHW decode.
-With --kernels-dir=DIR, 3 decodes of the package's compiled path are profiled: ms per decode by kind of
-kernel, and every kernel to DIR/kernels-decode.txt (ms and launches per decode).
+The last variant takes each GroupNorm's statistics per channel first, as the UNet's fast path does
+(models/group_norm.py): reading channels-last rows in order.
+With --kernels-dir=DIR, 3 decodes of the package's compiled path and of that variant are profiled: ms per
+decode by kind of kernel, and every kernel to DIR/kernels-decode-<variant>.txt (ms and launches per decode).
 """
 import collections
 import pathlib
@@ -21,6 +23,7 @@ from einops import rearrange
 from measure import kernel_kind, median_time, peak_gib, sync, write_kernel_table
 from modelscope_t2v.config import FULL
 from modelscope_t2v.models.autoencoder import AutoencoderKL
+from modelscope_t2v.models.group_norm import GroupNorm
 from modelscope_t2v.text_to_video import compile_options
 
 torch.manual_seed(0)
@@ -43,8 +46,12 @@ def report(name, decode):
           f'max rel diff {err:.1e}', flush=True)
 
 
-def profile_kernels(decode, directory):
-    """Profile 3 decodes: print ms per decode by kind of kernel, write every kernel to directory/kernels-decode.txt."""
+def profile_kernels(decode, name):
+    """With --kernels-dir=DIR, profile 3 decodes: print ms per decode by kind of kernel, and write every kernel
+    to DIR/kernels-decode-<name>.txt."""
+    directory = next((arg.split('=', 1)[1] for arg in sys.argv if arg.startswith('--kernels-dir=')), None)
+    if directory is None:
+        return
     decode()
     sync()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -57,7 +64,7 @@ def profile_kernels(decode, directory):
         by_kind[kernel_kind(k.name)] += k.time_range.elapsed_us() / 3e3
     print(f'  kernels per decode: {sum(by_kind.values()):.2f} ms in {len(kernels) // 3} launches; ' +
           ', '.join(f'{kind} {ms:.2f}' for kind, ms in sorted(by_kind.items(), key=lambda item: -item[1])))
-    write_kernel_table(kernels, 3, pathlib.Path(directory, 'kernels-decode.txt'))
+    write_kernel_table(kernels, 3, pathlib.Path(directory, f'kernels-decode-{name}.txt'))
 
 
 def decode_copying_chunks(chunk_frames):
@@ -74,9 +81,13 @@ with torch.no_grad():
     decoder = autoencoder.decoder
     autoencoder.decoder = torch.compile(decoder, dynamic=False, options=compile_options('default'))
     report('compiled channels-last', lambda: autoencoder.decode_video(latents, 4))
-    kernels_dir = next((arg.split('=', 1)[1] for arg in sys.argv if arg.startswith('--kernels-dir=')), None)
-    if kernels_dir:
-        profile_kernels(lambda: autoencoder.decode_video(latents, 4), kernels_dir)
+    profile_kernels(lambda: autoencoder.decode_video(latents, 4), 'package')
     report('compiled channels-last, 16 at once', lambda: autoencoder.decode_video(latents, 16))
     autoencoder.decoder = torch.compile(decoder, dynamic=False, options=compile_options('reduce-overhead'))
     report('compiled reduce-overhead', lambda: decode_copying_chunks(4))
+    for module in decoder.modules():
+        if isinstance(module, GroupNorm):
+            module.per_channel_stats = True
+    autoencoder.decoder = torch.compile(decoder, dynamic=False, options=compile_options('default'))
+    report('compiled, per-channel GN statistics', lambda: autoencoder.decode_video(latents, 4))
+    profile_kernels(lambda: autoencoder.decode_video(latents, 4), 'per-channel-stats')

@@ -14,10 +14,11 @@ from einops import rearrange
 from torch import nn
 
 from ..config import AutoencoderConfig
+from .group_norm import GroupNorm
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
+def _norm(channels: int) -> GroupNorm:
+    return GroupNorm(32, channels, eps=1e-6)
 
 
 def _conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
