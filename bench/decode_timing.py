@@ -1,16 +1,19 @@
 """The autoencoder decode of a default generation (16 frames, latent 32x32 -> 256x256), eager and compiled.
 
     python bench/decode_timing.py                        # GPU, real-size random autoencoder, float16
-    python bench/decode_timing.py --kernels-dir=DIR      # also the package's compiled decode's kernels
+    python bench/decode_timing.py --kernels-dir=DIR      # also the kernels of two compiled variants
 
 Prints per variant: first-call seconds (compile), the median seconds of a decode in
 4-frame chunks (the package's CUDA default; compiled as the package compiles, with programmatic
 dependent launch, and with CUDA graphs in mode reduce-overhead), its peak allocated memory, and its largest
 difference from the eager NCHW decode.
-The last variant takes each GroupNorm's statistics per channel first, as the UNet's fast path does
-(models/group_norm.py): reading channels-last rows in order.
-With --kernels-dir=DIR, 3 decodes of the package's compiled path and of that variant are profiled: ms per
-decode by kind of kernel, and every kernel to DIR/kernels-decode-<variant>.txt (ms and launches per decode).
+The last three variants take each GroupNorm's statistics per channel first, as the UNet's fast path does
+(models/group_norm.py): reading channels-last rows in order. Compiled with CUDA graphs, that is the
+package's decode under compile='reduce-overhead' (AutoencoderKL.compile_decoder). The last one also lets
+cuDNN time its algorithms for each convolution shape (cudnn.benchmark).
+With --kernels-dir=DIR, 3 decodes of 'compiled channels-last' and of the first per-channel variant are
+profiled: ms per decode by kind of kernel, and every kernel to DIR/kernels-decode-<variant>.txt (ms and
+launches per decode).
 """
 import collections
 import pathlib
@@ -81,7 +84,7 @@ with torch.no_grad():
     decoder = autoencoder.decoder
     autoencoder.decoder = torch.compile(decoder, dynamic=False, options=compile_options('default'))
     report('compiled channels-last', lambda: autoencoder.decode_video(latents, 4))
-    profile_kernels(lambda: autoencoder.decode_video(latents, 4), 'package')
+    profile_kernels(lambda: autoencoder.decode_video(latents, 4), 'compiled')
     report('compiled channels-last, 16 at once', lambda: autoencoder.decode_video(latents, 16))
     autoencoder.decoder = torch.compile(decoder, dynamic=False, options=compile_options('reduce-overhead'))
     report('compiled reduce-overhead', lambda: decode_copying_chunks(4))
@@ -91,3 +94,8 @@ with torch.no_grad():
     autoencoder.decoder = torch.compile(decoder, dynamic=False, options=compile_options('default'))
     report('compiled, per-channel GN statistics', lambda: autoencoder.decode_video(latents, 4))
     profile_kernels(lambda: autoencoder.decode_video(latents, 4), 'per-channel-stats')
+    autoencoder.decoder = torch.compile(decoder, dynamic=False, options=compile_options('reduce-overhead'))
+    report('reduce-overhead, per-channel GN stats', lambda: decode_copying_chunks(4))
+    autoencoder.decoder = torch.compile(decoder, dynamic=False, options=compile_options('default'))
+    torch.backends.cudnn.benchmark = True
+    report('per-channel GN stats, cudnn.benchmark', lambda: autoencoder.decode_video(latents, 4))

@@ -102,9 +102,11 @@ class TextToVideo:
         """torch.compile the networks in place (from_pretrained's compile=), with programmatic dependent launch
         (compile_options): the UNet channels-last, its temporal convs as GEMMs, in `mode`; the text encoder in
         `mode` too, unless low_memory (a CUDA graph would record again each time its weights come back from
-        the CPU); the autoencoder's decoder in mode 'default'. Checkpoint keys are unchanged."""
+        the CPU); the autoencoder's decoder in mode 'reduce-overhead' where `mode` has CUDA graphs and not
+        low_memory, else in mode 'default'. Checkpoint keys are unchanged."""
         self.unet = torch.compile(self.unet.to_channels_last(), options=compile_options(mode), dynamic=False)
-        self.autoencoder.compile_decoder(compile_options('default'))
+        graphs = compile_options(mode).get('triton.cudagraphs') and not self.low_memory
+        self.autoencoder.compile_decoder(compile_options('reduce-overhead' if graphs else 'default'))
         if not self.low_memory:
             self.text_encoder.compile(dynamic=False, options=compile_options(mode))
 

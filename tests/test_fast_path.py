@@ -146,18 +146,25 @@ def test_unknown_compile_mode_is_refused_before_loading(tmp_path):
         TextToVideo.from_pretrained(str(tmp_path / 'no-model-here'), compile='fast')
 
 
-def test_compiled_decoder_keeps_keys_and_decodes_as_eager():
+@pytest.mark.parametrize('mode', ['default', 'reduce-overhead'])
+def test_compiled_decoder_keeps_keys_and_decodes_as_eager(mode):
+    """With CUDA graphs (mode reduce-overhead; inductor's CPU backend runs without them) the decoder's
+    GroupNorms take per-channel statistics and each decode's output is a copy."""
     autoencoder = randomize_(AutoencoderKL(TINY.autoencoder), 3).eval()
     keys = {k: v.clone() for k, v in autoencoder.state_dict().items()}
     latents = torch.randn(1, TINY.autoencoder.z_channels, 3, 8, 8, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         plain = autoencoder.decode_video(latents, 2)
-        autoencoder.compile_decoder(compile_options('default'))  # CPU backend; chunks of 2 and 1 frames: two graphs
+        autoencoder.compile_decoder(compile_options(mode))  # CPU backend; chunks of 2 and 1 frames: two graphs
         compiled = autoencoder.decode_video(latents, 2)
     after = autoencoder.state_dict()
     assert list(after) == list(keys) and all(torch.equal(after[k], v) for k, v in keys.items())
+    norms = [m for m in autoencoder.decoder.modules() if isinstance(m, GroupNorm)]
+    graphs = mode == 'reduce-overhead'
+    assert len(norms) > 0 and all(norm.per_channel_stats == graphs for norm in norms)
+    assert autoencoder.copies_decoder_output == graphs
     err = rel_err(compiled, plain)
-    print(f'compiled channels-last decoder against eager: worst relative error {err:.2e}')
+    print(f'compiled channels-last decoder ({mode}) against eager: worst relative error {err:.2e}')
     assert compiled.shape == plain.shape and err < TOLERANCE
 
 
@@ -176,3 +183,11 @@ def test_compiled_networks_generate_the_frames_of_the_plain_engine(tiny_model_di
     print(f'compiled engine against plain: {np.count_nonzero(got != expected)} of {got.size} uint8 values differ')
     assert got.shape == expected.shape == (4, 64, 64, 3)
     assert np.abs(got - expected).max() <= 1
+
+
+@pytest.mark.parametrize('mode,low_memory,graphs', [('reduce-overhead', False, True), ('reduce-overhead', True, False),
+                                                    ('default', False, False)])
+def test_decoder_has_cuda_graphs_where_the_unet_has_unless_low_memory(tiny_model_dir, mode, low_memory, graphs):
+    engine = TextToVideo.from_pretrained(tiny_model_dir, device='cpu', low_memory=low_memory)
+    engine.compile_networks(mode)   # torch.compile wraps now and compiles at the first call: none here
+    assert engine.autoencoder.copies_decoder_output == graphs

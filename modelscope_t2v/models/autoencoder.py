@@ -174,6 +174,7 @@ class Decoder(nn.Module):
 
 class AutoencoderKL(nn.Module):
     """The KL autoencoder of latent diffusion, used to encode and decode video frames."""
+    copies_decoder_output = False   # set by compile_decoder with CUDA graphs, whose next replay reuses the output
 
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
@@ -195,17 +196,28 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latent (n, z, h, w) -> pixels (n, 3, h d, w d)."""
-        return self.decoder(self.post_quant_conv(z))
+        frames = self.decoder(self.post_quant_conv(z))
+        return frames.clone() if self.copies_decoder_output else frames
 
     def compile_decoder(self, options: dict | None = None) -> 'AutoencoderKL':
         """Decode through torch.compile (with these inductor options) on channels-last weights; keys and
         values unchanged.
 
-        On an H200 a 16-frame decode in 4-frame chunks takes 28 ms, against 52 ms
-        eager, for about 20 s of compiling once per process (bench/decode_timing.py).
+        On an H200 a 16-frame decode in 4-frame chunks takes 28.1 ms, against 54.5 ms
+        eager, for about 30 s of compiling once per process. With CUDA graphs (the
+        options of mode 'reduce-overhead') each GroupNorm also takes its statistics
+        per channel first (group_norm.py), and each decode's output is copied out
+        of the graph: 23.9 ms. Without graphs those statistics do not pay: the
+        GPU's work falls from 27.3 to 22.8 ms, but the host's 800 kernel launches
+        then take longer, 30.3 ms (bench/decode_timing.py, docs/benchmarks.md).
         """
+        graphs = bool((options or {}).get('triton.cudagraphs'))
         self.decoder.to(memory_format=torch.channels_last)
+        for module in self.decoder.modules():
+            if isinstance(module, GroupNorm):
+                module.per_channel_stats = graphs
         self.decoder.compile(dynamic=False, options=options)
+        self.copies_decoder_output = graphs
         return self
 
     def decode_video(self, latents: torch.Tensor, chunk_frames: int | None = None) -> torch.Tensor:
