@@ -182,13 +182,12 @@ class TextToVideo:
         prompts = [p for p in request.prompts for _ in range(per_video)]
         negatives = [p for p in request.negative_prompts for _ in range(per_video)]
 
-        # 2. prepare noise, on the CPU from the seeds, then moved. First: the move waits for the GPU's queue,
-        # empty now; after it the host's work for the first UNet call overlaps the text encoder's on the GPU
-        noise = self.initial_noise(request).to(self.device, self.dtype)
-
-        # 3. encode text (the unconditional branch only when guidance is on)
+        # 2. encode text (the unconditional branch only when guidance is on)
         guidance_on = request.guidance_scale > 1.0
         context, uncond = self.encode_prompts(prompts, negatives if guidance_on else None)
+
+        # 3. prepare noise, on the CPU from the seeds, then moved
+        noise = self.initial_noise(request).to(self.device, self.dtype)
 
         # 4. denoise; stochastic samplers (eta > 0, ancestral, SDE) draw their noise from the seed too
         scheduler = make_scheduler(request.sampler, self.config.diffusion)
