@@ -64,12 +64,13 @@ def frame_conv(rows: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, pixel
 
 def kernel_serves(rows: torch.Tensor, taps: torch.Tensor) -> bool:
     c, co = rows.shape[-1], taps.shape[1]
-    return (triton is not None and rows.is_cuda and rows.dtype == torch.float16 and taps.dtype == torch.float16
-            and not torch.is_grad_enabled()   # inference only: the kernel has no backward
-            and torch.cuda.get_device_properties(rows.device).major >= 9   # TMA; torch.compile folds this call
+    if not (triton is not None and rows.is_cuda and rows.dtype == torch.float16 and taps.dtype == torch.float16):
+        return False
+    gpu = torch.cuda.get_device_properties(rows.device)   # torch.compile folds this call
+    return (not torch.is_grad_enabled()   # inference only: the kernel has no backward
+            and gpu.major >= 9   # TMA
             and rows.numel() > 0 and c % 8 == 0 and co % 8 == 0   # TMA: 16-byte rows
-            and tiles(rows.shape[0], rows.shape[1], co)
-            >= MIN_TILES_PER_SM * torch.cuda.get_device_properties(rows.device).multi_processor_count
+            and tiles(rows.shape[0], rows.shape[1], co) >= MIN_TILES_PER_SM * gpu.multi_processor_count
             and (torch.compiler.is_compiling() or kernel_works(rows.device)))
 
 
