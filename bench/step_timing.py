@@ -399,8 +399,9 @@ def temporal_conv_kernel(where):
     of the process: give it alone or with --parallel."""
     from modelscope_t2v.models import frame_conv
     if 'FRAME_CONV_CONFIG' in os.environ:
-        (frame_conv.BLOCK_M, frame_conv.MAX_N, frame_conv.BLOCK_K, frame_conv.WARPS,
-         frame_conv.STAGES) = (int(v) for v in os.environ['FRAME_CONV_CONFIG'].split(','))
+        frame_conv.BLOCK_M, frame_conv.MAX_N, block_k, frame_conv.WARPS, stages = (
+            int(v) for v in os.environ['FRAME_CONV_CONFIG'].split(','))
+        frame_conv.k_loop = lambda c: (block_k, stages)
     serves = frame_conv.kernel_serves
     frame_conv.kernel_serves = lambda rows, taps: where(rows, taps) and serves(rows, taps)
     return guided_eps(compiled())
