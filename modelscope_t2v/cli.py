@@ -103,8 +103,10 @@ def run_generate(argv) -> int:
         logging.getLogger('modelscope').setLevel(logging.ERROR)  # its start-up chatter
     from .config import FULL
     from .request import parse_request
-    parse_request({'text': args.prompt}, FULL, **generation_options(args))  # fail fast, before loading
-    out = load_pipeline(args)({'text': args.prompt}, **generation_options(args))
+    options = generation_options(args)
+    request = parse_request({'text': args.prompt}, FULL, **options)  # fail fast, before loading
+    options['seed'] = request.seed   # the one given, or a new random one (reported)
+    out = load_pipeline(args)({'text': args.prompt}, **options)
     paths = out['output_video'] if isinstance(out['output_video'], list) else [out['output_video']]
     for path in paths:
         print(path)

@@ -3,12 +3,16 @@
 They are registered under this package's own type name (PLUGIN_TYPE, used by
 the repo's configuration.json) and in place of ModelScope's built-in
 'latent-text-to-video-synthesis' types, so a model dir with the original
-configuration.json runs here too.
+configuration.json runs here too. Through pipeline() the inputs follow the
+built-in's rules (request.py, builtin_rules), and a model built by the
+built-in's class is served over the same tensors.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+import pathlib
 from typing import Any, Dict
 
 import torch
@@ -24,7 +28,9 @@ from modelscope.utils.constant import Fields, Tasks
 from modelscope.utils.import_utils import LazyImportModule
 
 from . import config as config_lib
-from .request import parse_request
+from . import serving, weights
+from .request import GenerationRequest, parse_request
+from .serving import VideoFile
 from .text_to_video import GenerationResult, TextToVideo
 
 logger = logging.getLogger(__name__)
@@ -32,6 +38,9 @@ logger = logging.getLogger(__name__)
 PLUGIN_TYPE = config_lib.PLUGIN_TYPE
 BUILTIN_TYPE = config_lib.BUILTIN_TYPE
 TASK = Tasks.text_to_video_synthesis
+# ModelScope's own modules that register the built-in type; imported before ours replace it
+BUILTIN_MODULES = ('modelscope.models.multi_modal.video_synthesis.text_to_video_synthesis_model',
+                   'modelscope.pipelines.multi_modal.text_to_video_synthesis_pipeline')
 
 
 def torch_device(name) -> torch.device:
@@ -48,12 +57,29 @@ def torch_device(name) -> torch.device:
 class TextToVideoModel(Model):
     """The three networks of a model dir, on the pipeline's device."""
 
-    def __init__(self, model_dir: str, *args, **kwargs):
+    def __init__(self, model_dir: str, *args, engine: TextToVideo = None, **kwargs):
         super().__init__(model_dir, *args, **kwargs)
-        self.engine = TextToVideo.from_pretrained(model_dir, device=torch_device(kwargs.get('device')),
-                                                  compile=kwargs.get('compile_unet', False),
-                                                  low_memory=kwargs.get('low_memory', False),
-                                                  half_cache=kwargs.get('half_cache', False))
+        self.engine = engine or TextToVideo.from_pretrained(
+            model_dir, device=torch_device(kwargs.get('device')), compile=kwargs.get('compile_unet', False),
+            low_memory=kwargs.get('low_memory', False), half_cache=kwargs.get('half_cache', False))
+
+    @classmethod
+    def from_builtin(cls, builtin: Model, device: str = 'gpu', **kwargs) -> 'TextToVideoModel':
+        """ModelScope's own TextToVideoSynthesis served here: our networks over its tensors (strictly
+        loaded, no file read again); `kwargs` as pipeline()'s (compile_unet, low_memory)."""
+        name = type(builtin).__name__
+        if not all(hasattr(builtin, part) for part in ('sd_model', 'autoencoder', 'clip_encoder', 'model_dir')):
+            raise TypeError(f'model must be a TextToVideoModel or ModelScope\'s TextToVideoSynthesis, not {name}')
+        config = config_lib.load(builtin.model_dir)
+        text = weights.select_text_keys(builtin.clip_encoder.model.state_dict(), *weights.text_key_rules(config),
+                                        f'{name}.clip_encoder')
+        networks = weights.build_networks(
+            config, text, builtin.sd_model.state_dict(), builtin.autoencoder.state_dict(),
+            sources=(f'{name}.clip_encoder', f'{name}.sd_model', f'{name}.autoencoder'))
+        engine = TextToVideo.from_networks(config, networks, model_dir=builtin.model_dir,
+                                           device=torch_device(device), compile=kwargs.get('compile_unet', False),
+                                           low_memory=kwargs.get('low_memory', False))
+        return cls(builtin.model_dir, engine=engine, device=device)
 
     def forward(self, request) -> GenerationResult:
         return self.engine(request)
@@ -67,7 +93,7 @@ class TextToVideoPreprocessor(Preprocessor):
         self.config = config or (config_lib.load(model_dir) if model_dir else config_lib.FULL)
 
     def __call__(self, data, **options):
-        return parse_request(data, self.config, **options)
+        return parse_request(data, self.config, builtin_rules=True, **options)
 
 
 class TextToVideoPipeline(Pipeline):
@@ -76,6 +102,10 @@ class TextToVideoPipeline(Pipeline):
     def __init__(self, model, preprocessor=None, **kwargs):
         kwargs['auto_collate'] = False  # the request holds Python values, not a batch of tensors
         super().__init__(model=model, preprocessor=preprocessor, **kwargs)
+        if not isinstance(self.model, TextToVideoModel):   # built by ModelScope's own class
+            options = {k: v for k, v in kwargs.items() if k in ('compile_unet', 'low_memory')}
+            self.model = TextToVideoModel.from_builtin(self.model, self.device_name, **options)
+            self.models = [self.model]
         if not isinstance(self.preprocessor, TextToVideoPreprocessor):
             self.preprocessor = TextToVideoPreprocessor(config=self.model.engine.config)
 
@@ -89,13 +119,14 @@ class TextToVideoPipeline(Pipeline):
         return {'request': self.preprocessor(inputs, **options)}
 
     def forward(self, inputs: Dict[str, Any], **forward_params) -> Dict[str, Any]:
-        return {'result': self.model(inputs['request'])}
+        return {'request': inputs['request'], 'result': self.model(inputs['request'])}
 
     def postprocess(self, inputs: Dict[str, Any], **post_params) -> Dict[str, Any]:
         result: GenerationResult = inputs['result']
         single = len(result.parameters) == 1
         pick = (lambda items: items[0]) if single else list  # noqa: E731
-        out = {OutputKeys.OUTPUT_VIDEO: pick(result.paths) if result.paths else None,
+        paths = [returned_path(path, inputs['request'], single) for path in result.paths]
+        out = {OutputKeys.OUTPUT_VIDEO: pick(paths) if paths else None,
                'parameters': pick(result.parameters)}
         if result.frames and not result.paths:
             out['frames'] = pick(result.frames)
@@ -104,13 +135,30 @@ class TextToVideoPipeline(Pipeline):
         return out
 
 
+def returned_path(path: str, request: GenerationRequest, single: bool):
+    """OUTPUT_VIDEO for a written file: a VideoFile (str), or the caller's own os.PathLike for one video."""
+    given = request.output_video
+    if given is None or isinstance(given, str):
+        return VideoFile(path, temporary=given is None)
+    return given if single else pathlib.Path(path)
+
+
 def register() -> None:
     """Put the classes in ModelScope's registries under both type names.
 
+    The built-in's own modules are imported first where they can be (the
+    pipeline's needs opencv), so their registrations come before ours, which
+    replace them, and importing them later (TextToVideoSynthesis) is a no-op.
     ModelScope builds a type by first importing the module its lazy-import index
     names for it; pointing those entries at this module keeps it from importing
-    the built-in one (which needs opencv and would register its classes over ours).
+    the built-in one over ours.
     """
+    for module in BUILTIN_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:   # then a script cannot import it either
+            logger.debug('%s not importable (%s)', module, error)
+    serving.register()
     index = LazyImportModule.get_ast_index()[INDEX_KEY]
     here = {'filepath': __file__, 'imports': [], 'module': __name__}
     for type_name in (PLUGIN_TYPE, BUILTIN_TYPE):

@@ -4,21 +4,31 @@
 plus keyword arguments (which win over keys of the dict) and returns a frozen
 GenerationRequest or raises ValueError/TypeError naming the key, the value and
 the valid range.
+
+With `builtin_rules=True` (ModelScope's pipeline()) it accepts what ModelScope's
+built-in pipeline accepts: unknown keys are ignored with a warning, height and
+width are rounded down to the autoencoder's cell, and a request without seed,
+generator or latents draws its noise from torch's global generator, so
+`torch.manual_seed(s)` before the call decides the video.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
+import os
 import secrets
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 
 from . import video_io
 from .config import ModelConfig
 from .schedulers import DEFAULT_SAMPLER, check_sampler
+
+logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ('video', 'frames', 'latents')
 MAX_SEED = 2 ** 63 - 1
@@ -35,7 +45,7 @@ class GenerationRequest:
     prompts: Tuple[str, ...]                  # one per prompt
     negative_prompts: Tuple[str, ...]         # one per prompt ('' = the original's empty prompt)
     num_videos_per_prompt: int = 1
-    seed: Optional[int] = None                # video i of the batch uses seed + i
+    seed: Optional[int] = None                # video i of the batch uses seed + i; None: torch's global generator
     generator: Optional[torch.Generator] = None  # replaces the seeds when given
     latents: Optional[torch.Tensor] = None    # (n, c, f, h/8, w/8) starting noise
     num_frames: int = 16
@@ -46,7 +56,7 @@ class GenerationRequest:
     guidance_scale: float = 9.0
     eta: float = 0.0
     sampler: Any = DEFAULT_SAMPLER            # short name or diffusers scheduler instance
-    output_video: Optional[str] = None        # path; a batch writes name-0.ext, name-1.ext, ...
+    output_video: Union[str, os.PathLike, None] = None  # as given; a batch writes name-0.ext, name-1.ext, ...
     output_type: str = 'video'                # 'video' file(s), 'frames' uint8 arrays or 'latents'
     show_progress: Optional[bool] = None      # None: a progress bar when stderr is a terminal
     callback: Optional[Callable] = None       # callback(step, timestep, latents) -> False to stop
@@ -57,27 +67,36 @@ class GenerationRequest:
         return len(self.prompts) * self.num_videos_per_prompt
 
     def seeds(self) -> list:
-        """The seed of each video in the batch (None where a generator draws the noise)."""
-        if self.generator is not None or self.latents is not None:
+        """The seed of each video in the batch (None where a generator, the caller's latents or torch's
+        global generator give the noise)."""
+        if self.generator is not None or self.latents is not None or self.seed is None:
             return [None] * self.num_videos
         return [self.seed + i for i in range(self.num_videos)]
 
 
 KEYS = {f for f in GenerationRequest.__dataclass_fields__} - {'prompts', 'negative_prompts'}
 INPUT_KEYS = KEYS | {'text', 'negative_prompt'}
+_ignored_reported = set()   # the sets of unknown keys already warned about in this process
 
 
-def parse_request(inputs, config: ModelConfig, **kwargs) -> GenerationRequest:
-    """Merge the input dict with keyword arguments and check every value."""
+def parse_request(inputs, config: ModelConfig, builtin_rules: bool = False, **kwargs) -> GenerationRequest:
+    """Merge the input dict with keyword arguments and check every value.
+
+    builtin_rules: accept what ModelScope's built-in pipeline accepts (see the module's docstring);
+    values of known keys are checked all the same.
+    """
     if isinstance(inputs, str):
         inputs = {'text': inputs}
     if not isinstance(inputs, dict):
         raise TypeError(f"input must be a dict like {{'text': 'a prompt'}} or a string, "
                         f'not {type(inputs).__name__}')
     values = {**inputs, **{k: v for k, v in kwargs.items() if v is not None}}
-    unknown = sorted(set(values) - INPUT_KEYS)
-    if unknown:
+    unknown = sorted(set(values) - INPUT_KEYS, key=str)
+    if unknown and not builtin_rules:
         raise ValueError(f'unknown generation options {unknown}; valid ones are {sorted(INPUT_KEYS)}')
+    if unknown:
+        _warn_ignored(unknown)
+        values = {k: v for k, v in values.items() if k in INPUT_KEYS}
     if 'text' not in values:
         raise ValueError("input has no 'text': pass {'text': 'a prompt'}")
     prompts = _prompts(values.pop('text'), 'text')
@@ -85,8 +104,8 @@ def parse_request(inputs, config: ModelConfig, **kwargs) -> GenerationRequest:
     r = {
         'num_videos_per_prompt': _int(values, 'num_videos_per_prompt', 1, 1, 256),
         'num_frames': _int(values, 'num_frames', config.max_frames, 1, MAX_FRAMES),
-        'height': _side(values, 'height', config.size, config.autoencoder.downsample),
-        'width': _side(values, 'width', config.size, config.autoencoder.downsample),
+        'height': _side(values, 'height', config.size, config.autoencoder.downsample, builtin_rules),
+        'width': _side(values, 'width', config.size, config.autoencoder.downsample, builtin_rules),
         'fps': _number(values, 'fps', 8.0, 0.0, 240.0, low_open=True),
         'num_inference_steps': _int(values, 'num_inference_steps', 50, 1, config.diffusion.num_timesteps),
         'guidance_scale': _number(values, 'guidance_scale', 9.0, 0.0, 100.0),
@@ -100,7 +119,7 @@ def parse_request(inputs, config: ModelConfig, **kwargs) -> GenerationRequest:
         'generator': _optional_generator(values),
     }
     check_sampler(r['sampler'])
-    r['seed'] = _seed(values)
+    r['seed'] = _seed(values, draw=not builtin_rules)
     n_videos = len(prompts) * r['num_videos_per_prompt']
     r['latents'] = _latents(values.get('latents'), n_videos, config, r)
     r['output_video'] = _output_video(values.get('output_video'), r['output_type'])
@@ -140,8 +159,19 @@ def _int(values: dict, key: str, default, low: int, high: int) -> int:
     return int(value)
 
 
-def _side(values: dict, key: str, default: int, multiple: int) -> int:
+def _warn_ignored(keys: list) -> None:
+    """One warning per process for each set of unknown keys, as the built-in ignores them silently."""
+    if tuple(keys) not in _ignored_reported:
+        _ignored_reported.add(tuple(keys))
+        logger.warning('ignoring unknown generation options %s (valid ones are %s)', keys, sorted(INPUT_KEYS))
+
+
+def _side(values: dict, key: str, default: int, multiple: int, round_down: bool = False) -> int:
     value = _int(values, key, default, multiple, MAX_SIDE)
+    if value % multiple and round_down:
+        logger.warning("%s=%d rounded down to %d, a multiple of %d, as ModelScope's pipeline does",
+                       key, value, value // multiple * multiple, multiple)
+        return value // multiple * multiple
     if value % multiple:
         raise ValueError(f'{key}={value} is not a multiple of {multiple} (the autoencoder works on '
                          f'{multiple}x{multiple} pixel cells); e.g. {value // multiple * multiple} '
@@ -190,10 +220,12 @@ def _optional_generator(values: dict):
     return value
 
 
-def _seed(values: dict) -> int:
+def _seed(values: dict, draw: bool) -> Optional[int]:
+    """The seed given; else a new random one (reported back, so the video can be made again) when
+    `draw`, or None: the noise then comes from torch's global generator."""
     seed = values.get('seed')
     if seed is None:
-        return secrets.randbelow(2 ** 31)  # reported back, so the video can be made again
+        return secrets.randbelow(2 ** 31) if draw else None
     return _int(values, 'seed', None, 0, MAX_SEED)
 
 
@@ -217,6 +249,7 @@ def _output_video(path, output_type: str):
         raise ValueError(f"output_video={path!r} is given but output_type={output_type!r}; "
                          "files are written for output_type='video'")
     try:
-        return str(video_io.validate_output_path(path))
+        video_io.validate_output_path(path)
+        return path   # as given: a relative or pathlib.Path value comes back unchanged
     except (TypeError, ValueError) as error:  # video_io's message, prefixed with the option's name
         raise type(error)(f'output_video={path!r}: {error}') from None

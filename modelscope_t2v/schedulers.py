@@ -27,6 +27,7 @@ SAMPLERS = {
     'lms': ('LMSDiscreteScheduler', {}),
 }
 DEFAULT_SAMPLER = 'ddim'
+STOCHASTIC_SAMPLERS = ('euler-a', 'dpm++sde')   # add fresh noise at every step (ddim too when eta > 0)
 
 
 def training_schedule(diffusion: DiffusionConfig) -> dict:
@@ -50,6 +51,13 @@ def check_sampler(sampler) -> None:
                              'or pass a diffusers scheduler instance')
     elif not (hasattr(sampler, 'set_timesteps') and hasattr(sampler, 'step')):
         raise TypeError(f'sampler must be a name or a diffusers scheduler, not {type(sampler).__name__}')
+
+
+def draws_step_noise(sampler, eta: float) -> bool:
+    """Whether the result depends on noise drawn during sampling (assumed for a scheduler instance)."""
+    if not isinstance(sampler, str):
+        return True
+    return eta > 0 if sampler == 'ddim' else sampler in STOCHASTIC_SAMPLERS
 
 
 def make_scheduler(sampler, diffusion: DiffusionConfig):

@@ -26,7 +26,7 @@ from .models.text_encoder import OpenCLIPTextEncoder
 from .models.unet3d import UNet3D
 from .request import GenerationCancelled, GenerationRequest
 from .sampling import denoise, guided
-from .schedulers import make_scheduler
+from .schedulers import draws_step_noise, make_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class TextToVideo:
         half_cache: True or a folder: read the weights from a float16/bfloat16
             safetensors copy, written there on first use (half_cache.py).
         """
-        mode = compile_mode(compile)
+        compile_mode(compile)   # a bad value is refused before loading
         config = config_lib.load(model_dir)
         device, dtype = default_device_and_dtype(device, dtype)
         if half_cache and dtype in HALF_DTYPES:
@@ -93,6 +93,13 @@ class TextToVideo:
             if half_cache:
                 logger.warning('half_cache ignored: it holds float16/bfloat16 weights, and this run is %s', dtype)
             networks = weights.load_networks(model_dir, config)
+        return cls.from_networks(config, networks, model_dir, device, dtype, compile, low_memory)
+
+    @classmethod
+    def from_networks(cls, config: config_lib.ModelConfig, networks, model_dir: str = '', device=None,
+                      dtype=None, compile: bool | str = False, low_memory: bool = False) -> 'TextToVideo':
+        """An engine over (text encoder, UNet, autoencoder) already built; options as from_pretrained's."""
+        mode = compile_mode(compile)
         engine = cls(config, *networks, model_dir=model_dir, device=device, dtype=dtype, low_memory=low_memory)
         if mode and engine.device.type == 'cuda':
             engine.compile_networks(mode)
@@ -158,21 +165,31 @@ class TextToVideo:
         self.unet.remember_text(context if uncond is None else torch.cat([uncond, context]))
         return guided(self.unet, scale)
 
-    def initial_noise(self, request: GenerationRequest) -> torch.Tensor:
-        """Unit Gaussian latents (n, c, f, h/8, w/8), drawn on the CPU as the original does.
+    def initial_noise(self, request: GenerationRequest) -> tuple:
+        """Unit Gaussian latents (n, c, f, h/8, w/8), drawn on the CPU as the original does, and the seed
+        each video can be made again with (None where there is none).
 
         With a seed, video i is `torch.randn` after `torch.manual_seed(seed + i)`:
-        the same noise on every device and in the original implementation.
+        the same noise on every device and in the original implementation. With no
+        seed, generator or latents, each video is one `torch.randn` from torch's
+        global generator, as one call of ModelScope's built-in pipeline draws it; the
+        first video's seed is known where that generator was freshly seeded and the
+        sampler adds no noise of its own (then seed= makes the video again).
         """
         if request.latents is not None:
-            return request.latents.to(torch.float32)
+            return request.latents.to(torch.float32), request.seeds()
         cell = self.config.autoencoder.downsample
         shape = (1, self.config.unet.in_dim, request.num_frames, request.height // cell, request.width // cell)
         if request.generator is not None:
-            return torch.randn((request.num_videos,) + shape[1:], generator=request.generator,
-                               device=request.generator.device).cpu()
+            noise = torch.randn((request.num_videos,) + shape[1:], generator=request.generator,
+                                device=request.generator.device).cpu()
+            return noise, request.seeds()
+        if request.seed is None:
+            first = None if draws_step_noise(request.sampler, request.eta) else global_seed_if_fresh()
+            seeds = [first] + [None] * (request.num_videos - 1)
+            return torch.cat([torch.randn(shape) for _ in seeds]), seeds
         return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-                          for seed in request.seeds()])
+                          for seed in request.seeds()]), request.seeds()
 
     @torch.no_grad()
     def __call__(self, request: GenerationRequest) -> GenerationResult:
@@ -186,18 +203,18 @@ class TextToVideo:
         guidance_on = request.guidance_scale > 1.0
         context, uncond = self.encode_prompts(prompts, negatives if guidance_on else None)
 
-        # 3. prepare noise, on the CPU from the seeds, then moved
-        noise = self.initial_noise(request).to(self.device, self.dtype)
+        # 3. prepare noise, on the CPU from the seeds (or torch's global generator), then moved
+        noise, seeds = self.initial_noise(request)
+        noise = noise.to(self.device, self.dtype)
 
         # 4. denoise; stochastic samplers (eta > 0, ancestral, SDE) draw their noise from the seed too
         scheduler = make_scheduler(request.sampler, self.config.diffusion)
         model_fn = self.guided_unet(context, uncond, request.guidance_scale)
-        step_noise = (request.generator if request.generator is not None
-                      else torch.Generator().manual_seed(request.seed))
         latents = denoise(model_fn, noise, None, scheduler, request.num_inference_steps,
-                          eta=request.eta, generator=step_noise,
+                          eta=request.eta, generator=step_noise_generator(request),
                           callback=_checked_callback(request.callback), progress=_progress(request))
-        parameters = [self.parameters(request, i, prompts, negatives) for i in range(request.num_videos)]
+        parameters = [self.parameters(request, seeds[i], prompts[i], negatives[i])
+                      for i in range(request.num_videos)]
         if request.output_type == 'latents':
             return GenerationResult(parameters=parameters, latents=latents.float().cpu())
 
@@ -213,16 +230,32 @@ class TextToVideo:
             params['output_video'] = path
         return GenerationResult(parameters=parameters, paths=paths, frames=frames)
 
-    def parameters(self, request: GenerationRequest, i: int, prompts, negatives) -> dict:
-        """The parameters of video i, enough to make it again."""
+    def parameters(self, request: GenerationRequest, seed: Optional[int], prompt: str, negative: str) -> dict:
+        """The parameters of one video, enough to make it again."""
         sampler = request.sampler if isinstance(request.sampler, str) else type(request.sampler).__name__
         return {
-            'text': prompts[i], 'negative_prompt': negatives[i], 'seed': request.seeds()[i],
+            'text': prompt, 'negative_prompt': negative, 'seed': seed,
             'sampler': sampler, 'num_inference_steps': request.num_inference_steps,
             'guidance_scale': request.guidance_scale, 'eta': request.eta,
             'height': request.height, 'width': request.width, 'num_frames': request.num_frames,
             'fps': request.fps, 'model_dir': self.model_dir,
         }
+
+
+def global_seed_if_fresh() -> Optional[int]:
+    """torch.initial_seed() while the global CPU generator is still where that seed put it (a draw from it
+    then equals a draw after torch.manual_seed(that seed), so the seed makes the video again), else None."""
+    seed = torch.initial_seed()
+    fresh = torch.equal(torch.get_rng_state(), torch.Generator().manual_seed(seed).get_state())
+    return seed if fresh else None
+
+
+def step_noise_generator(request: GenerationRequest) -> Optional[torch.Generator]:
+    """Where stochastic samplers draw their step noise: the request's generator, a generator seeded with
+    its seed, or (None) the global generator of the latents' device, as the built-in's sampler does."""
+    if request.generator is not None:
+        return request.generator
+    return None if request.seed is None else torch.Generator().manual_seed(request.seed)
 
 
 def compile_mode(compile) -> Optional[str]:
@@ -258,13 +291,13 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     return rearrange(video, 'n c f h w -> n f h w c').cpu().numpy()
 
 
-def output_paths(output_video: Optional[str], n: int) -> List[str]:
+def output_paths(output_video, n: int) -> List[str]:
     """Where the n videos go: the given path (name-i.ext for a batch) or new temporary files."""
     if output_video is None:
         return [video_io.temporary_video_path('.mp4') for _ in range(n)]
     if n == 1:
-        return [output_video]
-    stem, ext = os.path.splitext(output_video)
+        return [os.fspath(output_video)]
+    stem, ext = os.path.splitext(os.fspath(output_video))
     return [f'{stem}-{i}{ext}' for i in range(n)]
 
 

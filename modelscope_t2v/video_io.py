@@ -18,16 +18,19 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-# Supported output extensions: H.264 MP4 (plays in browsers), VP9 WebM, palette GIF looping forever.
-CONTAINERS = ('.mp4', '.webm', '.gif')
-# Tags kept by both MP4 (iTunes atoms) and WebM (Matroska tags): MP4's muxer silently drops any other key,
-# so others are refused. GIF has no tags: there they are dropped with a warning.
+# Supported output extensions: H.264 in MP4 (plays in browsers), Matroska and QuickTime; VP9 WebM;
+# palette GIF looping forever.
+CONTAINERS = ('.mp4', '.mkv', '.mov', '.webm', '.gif')
+# ffmpeg's muxer of each H.264 container
+H264_MUXERS = {'.mp4': 'mp4', '.mkv': 'matroska', '.mov': 'mov'}
+# Tags kept by MP4 and MOV (iTunes/QuickTime atoms) and WebM and MKV (Matroska tags): MP4's muxer silently
+# drops any other key, so others are refused. GIF has no tags: there they are dropped with a warning.
 METADATA_KEYS = ('title', 'comment', 'description', 'artist', 'date', 'copyright')
 # write_video's quality is a CRF (lower is better, larger files): default and valid range; ignored for GIF.
-DEFAULT_QUALITY = {'.mp4': 18, '.webm': 30}
-QUALITY_RANGE = {'.mp4': (0, 51), '.webm': (0, 63)}
+DEFAULT_QUALITY = {**dict.fromkeys(H264_MUXERS, 18), '.webm': 30}
+QUALITY_RANGE = {**dict.fromkeys(H264_MUXERS, (0, 51)), '.webm': (0, 63)}
 # Containers encoded as yuv420p, whose half-resolution chroma needs even width and height.
-_EVEN_SIZE = ('.mp4', '.webm')
+_EVEN_SIZE = (*H264_MUXERS, '.webm')
 _STREAM_RE = re.compile(
     r'Stream #\d+:\d+.*?: Video: (?P<codec>\w+).*?, (?P<pix_fmt>\w+)(?:\([^)]*\))?, (?P<width>\d+)x(?P<height>\d+)(?P<rest>.*)'
 )
@@ -131,9 +134,10 @@ def _check_quality(ext: str, quality: Any) -> int | None:
 
 def _codec_args(ext: str, quality: int | None) -> list[str]:
     """ffmpeg output options choosing the encoder and muxer of one container."""
-    if ext == '.mp4':
-        # faststart moves the index in front of the data so browsers can play while downloading
-        return ['-c:v', 'libx264', '-pix_fmt', 'yuv420p', '-crf', str(quality), '-movflags', '+faststart', '-f', 'mp4']
+    if ext in H264_MUXERS:
+        # faststart (MP4, MOV) moves the index in front of the data so players start while downloading
+        faststart = ['-movflags', '+faststart'] if ext != '.mkv' else []
+        return ['-c:v', 'libx264', '-pix_fmt', 'yuv420p', '-crf', str(quality), *faststart, '-f', H264_MUXERS[ext]]
     if ext == '.webm':
         # -b:v 0 makes the CRF a constant quality instead of a cap on a default bitrate
         return ['-c:v', 'libvpx-vp9', '-pix_fmt', 'yuv420p', '-crf', str(quality), '-b:v', '0', '-row-mt', '1', '-f', 'webm']

@@ -135,12 +135,17 @@ def autoencoder_state_dict(path) -> StateDict:
 
 def text_state_dict(path, keep: Callable[[str], bool], unused: Callable[[str], bool]) -> StateDict:
     """open_clip_pytorch_model.bin: the keys `keep` accepts; the rest must be known `unused` ones."""
-    checkpoint = _tensors_only(read_checkpoint(path), path)
-    strangers = [k for k in checkpoint if not keep(k) and not unused(k)]
+    return select_text_keys(_tensors_only(read_checkpoint(path), path), keep, unused, path)
+
+
+def select_text_keys(clip_state: StateDict, keep: Callable[[str], bool], unused: Callable[[str], bool],
+                     source) -> StateDict:
+    """The keys of an OpenCLIP state dict that `keep` accepts; the rest must be known `unused` ones."""
+    strangers = [k for k in clip_state if not keep(k) and not unused(k)]
     if strangers:
-        raise CheckpointError(f'checkpoint {path} has keys that belong to no part of an OpenCLIP '
+        raise CheckpointError(f'checkpoint {source} has keys that belong to no part of an OpenCLIP '
                               f'model: {strangers[:MAX_KEYS_SHOWN]}')
-    return {k: v for k, v in checkpoint.items() if keep(k)}
+    return {k: v for k, v in clip_state.items() if keep(k)}
 
 
 def _tensors_only(checkpoint, path) -> StateDict:
@@ -199,13 +204,16 @@ def text_key_rules(config: ModelConfig):
 def load_networks(model_dir: str, config: ModelConfig):
     """(text encoder, UNet, autoencoder) holding the files' tensors, on the CPU."""
     path = lambda name: os.path.join(model_dir, name)  # noqa: E731
-    with torch.device('meta'):  # no random initialisation: the files supply every tensor
-        text_encoder = OpenCLIPTextEncoder(config.text)
-        unet = UNet3D(config.unet)
-        autoencoder = AutoencoderKL(config.autoencoder)
-    clip = path(config.ckpt_clip)
-    load_strict(text_encoder, text_state_dict(clip, *text_key_rules(config)), clip)
-    load_strict(unet, unet_state_dict(path(config.ckpt_unet)), path(config.ckpt_unet))
-    vae = path(config.ckpt_autoencoder)
-    load_strict(autoencoder, autoencoder_state_dict(vae), vae)
-    return text_encoder, unet, autoencoder
+    clip, unet, vae = path(config.ckpt_clip), path(config.ckpt_unet), path(config.ckpt_autoencoder)
+    return build_networks(config, text_state_dict(clip, *text_key_rules(config)), unet_state_dict(unet),
+                          autoencoder_state_dict(vae), sources=(clip, unet, vae))
+
+
+def build_networks(config: ModelConfig, text: StateDict, unet: StateDict, autoencoder: StateDict,
+                   sources=('text encoder', 'UNet', 'autoencoder')):
+    """(text encoder, UNet, autoencoder) holding these tensors; errors name the `sources`."""
+    with torch.device('meta'):  # no random initialisation: the state dicts supply every tensor
+        networks = OpenCLIPTextEncoder(config.text), UNet3D(config.unet), AutoencoderKL(config.autoencoder)
+    for network, state, source in zip(networks, (text, unet, autoencoder), sources):
+        load_strict(network, state, source)
+    return networks

@@ -35,6 +35,11 @@ def model_dir(tmp_path_factory):
     return write_model_dir(str(tmp_path_factory.mktemp('tiny-1024')), CONFIG)
 
 
+@pytest.fixture(scope='module')
+def reference(model_dir):
+    return reference_generation(model_dir)
+
+
 def reference_generation(model_dir):
     """Latents (1, 4, f, h, w) and decoded video (1, 3, f, H, W) the original's way."""
     from modelscope.models.multi_modal.video_synthesis.diffusion import GaussianDiffusion, beta_schedule
@@ -67,7 +72,7 @@ def reference_generation(model_dir):
 
 
 @pytest.mark.slow
-def test_generation_matches_reference(model_dir):
+def test_generation_matches_reference(model_dir, reference):
     engine = TextToVideo.from_pretrained(model_dir, device='cpu')
     request = parse_request({'text': PROMPT, 'seed': SEED}, engine.config, num_frames=FRAMES,
                             height=SIZE, width=SIZE, output_type='latents')
@@ -76,7 +81,7 @@ def test_generation_matches_reference(model_dir):
     with torch.no_grad():
         video = engine.autoencoder.decode_video(latents)
 
-    ref_latents, ref_video = reference_generation(model_dir)
+    ref_latents, ref_video = reference
     latent_err, video_err = rel_err(latents, ref_latents), rel_err(video, ref_video)
     frames, ref_frames = to_uint8_frames(video)[0], to_uint8_frames(ref_video)[0]
     level_diff = np.abs(frames.astype(int) - ref_frames.astype(int))
@@ -85,3 +90,17 @@ def test_generation_matches_reference(model_dir):
     assert latent_err < LATENT_TOLERANCE
     assert video_err < VIDEO_TOLERANCE
     assert level_diff.max() <= 1 and np.mean(level_diff > 0) < 0.01
+
+
+@pytest.mark.slow
+def test_torch_manual_seed_then_pipeline_matches_reference(model_dir, reference):
+    """The Studio app's way: torch.manual_seed(seed), then pipeline() with no seed of its own. The
+    reference draws its noise as ModelScope's built-in does, torch.randn after that manual_seed."""
+    from modelscope.pipelines import pipeline
+    pipe = pipeline('text-to-video-synthesis', model_dir, device='cpu')
+    torch.manual_seed(SEED)
+    out = pipe({'text': PROMPT}, num_frames=FRAMES, height=SIZE, width=SIZE, output_type='latents')
+    latent_err = rel_err(out['latents'], reference[0])
+    print(f'torch.manual_seed + pipeline: latents worst relative error {latent_err:.2e}')
+    assert latent_err < LATENT_TOLERANCE
+    assert out['parameters']['seed'] == SEED

@@ -43,7 +43,7 @@ BAD = [
     ({'output_video': '{tmp}/missing/out.mp4'}, ValueError,
      r"output_video=.*missing/out\.mp4'.*folder .*missing' does not exist"),
     ({'output_video': '{tmp}/out.avi'}, ValueError,
-     r"output_video=.*out\.avi'.*extension '\.avi'; supported: \.mp4, \.webm, \.gif"),
+     r"output_video=.*out\.avi'.*extension '\.avi'; supported: \.mp4, \.mkv, \.mov, \.webm, \.gif"),
     ({'output_video': '{tmp}/out.mp4', 'output_type': 'frames'}, ValueError,
      r"output_video=.*out\.mp4' is given but output_type='frames'"),
     ({'output_type': 'gif'}, ValueError, r"output_type='gif' is not one of \['video', 'frames', 'latents'\]"),
@@ -115,6 +115,25 @@ def test_defaults():
     assert r.generator is None and r.latents is None and r.callback is None
     assert isinstance(r.seed, int) and 0 <= r.seed < 2 ** 31  # drawn, then reported
     assert r.seeds() == [r.seed]
+
+
+def test_builtin_rules_are_modelscopes_pipeline(caplog):
+    """Through pipeline(): unknown keys dropped, sizes rounded down, no seed (torch's global generator);
+    every known value is checked all the same."""
+    r = parse_request({**PROMPT, 'out_height': 256, 'height': 263}, TINY, builtin_rules=True, fps=12, zoom=2)
+    assert (r.height, r.width, r.fps, r.seed, r.seeds()) == (256, 256, 12.0, None, [None])
+    assert "ignoring unknown generation options ['out_height', 'zoom']" in caplog.text
+    for bad, message in (({'height': 7}, r'height=7 is outside the valid range 8\.\.4096'),
+                         ({'seed': -1}, r'seed=-1 is outside'), ({'eta': 2}, r'eta=2\.0 is outside')):
+        with pytest.raises(ValueError, match=message):
+            parse_request({**PROMPT, 'out_height': 256, **bad}, TINY, builtin_rules=True)
+
+
+def test_output_video_is_kept_as_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert parse_request(PROMPT, TINY, output_video='./a.mkv').output_video == './a.mkv'
+    path = tmp_path / 'b.mov'
+    assert parse_request(PROMPT, TINY, output_video=path).output_video is path
 
 
 def test_string_input_is_the_prompt():

@@ -187,7 +187,7 @@ def test_validate_output_path(tmp_path):
     missing = str(tmp_path / 'missing' / 'a.mp4')
     with pytest.raises(ValueError, match=f'{re.escape(missing)}.*does not exist'):
         video_io.validate_output_path(missing)
-    with pytest.raises(ValueError, match=r"'.avi'.*\.mp4, \.webm, \.gif"):
+    with pytest.raises(ValueError, match=r"'.avi'.*\.mp4, \.mkv, \.mov, \.webm, \.gif"):
         video_io.validate_output_path(tmp_path / 'a.avi')
     (tmp_path / 'dir.mp4').mkdir()
     with pytest.raises(ValueError, match='is a folder'):
