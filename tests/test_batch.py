@@ -47,12 +47,14 @@ def test_bad_lines_are_reported_and_skipped(tiny_model_dir, tmp_path, generated,
         {'text': 'line 3', 'num_frames': 3, 'output': 'sub/three.mp4'},  # the line's keys win
         {'text': 'line 4', 'height': 250},                        # not a multiple of 8
         {'text': 'line 5', 'sampler': 'dpm++2m'},
+        {'text': 'line 6', 'out_height': 256},                    # unknown key: batch files stay strict
     ])
     out = tmp_path / 'out'
     status = batch.main([prompts, '--out', str(out), '--model', tiny_model_dir] + TINY_FLAGS)
     err = capsys.readouterr().err
     assert status == batch.EXIT_SOME_FAILED == 3
     assert 'line 2: invalid JSON' in err and 'line 4: height=250 is not a multiple of 8' in err
+    assert "line 6: unknown generation options ['out_height']" in err
     assert not any(f'line {n}:' in err for n in (1, 3, 5))
     assert generated == ['line 1', 'line 3', 'line 5']  # bad lines never reach the model
     files = {1: '00001.mp4', 3: os.path.join('sub', 'three.mp4'), 5: '00005.mp4'}

@@ -1,5 +1,6 @@
 """The command line as a user runs it: exit status, one-line errors, the file it writes."""
 
+import json
 import os
 import subprocess
 import sys
@@ -26,6 +27,15 @@ def test_generates_the_named_file(tiny_model_dir, tmp_path):
     info = probe_video(out)
     assert (info['codec'], info['frames'], info['fps'], info['width']) == ('vp9', 4, 12.0, 64)
     assert '"seed": 3' in info['comment']
+
+
+def test_without_seed_a_random_one_is_drawn_and_reported(tiny_model_dir, tmp_path):
+    """Not torch's global generator, whose default seed (67280421310721) would give every run the same video."""
+    out = tmp_path / 'a.mp4'
+    result = run_cli('a red kite', '-o', str(out), '--model', tiny_model_dir, *SMALL)
+    assert result.returncode == 0, result.stderr
+    seed = json.loads(probe_video(out)['comment'])['seed']
+    assert isinstance(seed, int) and 0 <= seed < 2 ** 31
 
 
 @pytest.mark.parametrize('args,message', [
