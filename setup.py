@@ -24,7 +24,9 @@ setup(
         'huggingface_hub',
     ],
     extras_require={
-        'test': ['pytest>=7', 'playwright>=1.40'],   # playwright drives Chromium in the demo test
+        # playwright drives Chromium in the demo test; transformers' CLIPTextModel is the parity reference
+        # of a diffusers folder's text encoder
+        'test': ['pytest>=7', 'playwright>=1.40', 'transformers>=4.30'],
         'demo': ['gradio>=6'],
         'bench': [],
     },

@@ -16,7 +16,7 @@ import gradio as gr
 
 import modelscope_t2v  # noqa: F401  (registers the pipeline in ModelScope)
 from modelscope_t2v.hub import DEFAULT_MODEL, HUBS, resolve_model_dir
-from modelscope_t2v.schedulers import DEFAULT_SAMPLER, SAMPLERS
+from modelscope_t2v.schedulers import SAMPLERS
 
 EXAMPLES = [
     'A panda eating bamboo on a rock.',
@@ -32,10 +32,12 @@ def new_seed() -> int:
     return secrets.randbelow(2 ** 31)
 
 
-def load_pipeline(model: str, hub: str = 'huggingface', device: str = 'gpu'):
-    """The ModelScope text-to-video pipeline over a local model dir or a hub id (downloaded once)."""
+def load_pipeline(model: str, hub: str = 'huggingface', device: str = 'gpu', base_model: str | None = None):
+    """The ModelScope text-to-video pipeline over a local model dir or a hub id (downloaded once), in either
+    layout; `base_model` supplies what a partial original-format folder lacks."""
     from modelscope.pipelines import pipeline
-    return pipeline('text-to-video-synthesis', resolve_model_dir(model, hub), device=device)
+    base = resolve_model_dir(base_model, hub) if base_model else None
+    return pipeline('text-to-video-synthesis', resolve_model_dir(model, hub), device=device, base_model=base)
 
 
 def build_demo(pipe, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
@@ -72,7 +74,8 @@ def build_demo(pipe, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
                                            elem_id='guidance')
                 frames = gr.Slider(1, 64, value=pipe.model.engine.config.max_frames, step=1, precision=0,
                                    label='Frames', elem_id='frames')
-                sampler = gr.Dropdown(sorted(SAMPLERS), value=DEFAULT_SAMPLER, label='Sampler', elem_id='sampler')
+                sampler = gr.Dropdown(sorted(SAMPLERS), value=pipe.model.engine.config.sampler, label='Sampler',
+                                      elem_id='sampler')
                 run = gr.Button('Generate', variant='primary', elem_id='generate')
             with gr.Column():
                 video = gr.Video(label='Video', autoplay=True, loop=True, interactive=False, elem_id='video')
@@ -91,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--model', default=os.environ.get('MODELSCOPE_T2V_MODEL', DEFAULT_MODEL),
                         help='local model dir or hub id (default: $MODELSCOPE_T2V_MODEL, else %(default)s)')
     parser.add_argument('--hub', choices=HUBS, default='huggingface', help='hub of a hub id (default: %(default)s)')
+    parser.add_argument('--base-model', default=None,
+                        help='folder or hub id of the original model, for what a partial original-format model lacks')
     parser.add_argument('--device', default='gpu', help="'gpu' (CUDA when available, else CPU), 'cpu', 'cuda:1'")
     parser.add_argument('--host', default=None, help='address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1)')
     parser.add_argument('--port', type=int, default=None, help='(default: $GRADIO_SERVER_PORT or 7860)')
@@ -100,7 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    pipe = load_pipeline(args.model, args.hub, args.device)
+    pipe = load_pipeline(args.model, args.hub, args.device, args.base_model)
     build_demo(pipe, args.queue_size).launch(server_name=args.host, server_port=args.port)
 
 

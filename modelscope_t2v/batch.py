@@ -31,7 +31,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .cli import add_generation_flags, add_model_flags, generation_options, guarded, load_pipeline
+from .cli import add_generation_flags, add_model_flags, generation_options, guarded, load_pipeline, resolve_models
+from .model_folder import open_folder
 from .request import GenerationRequest, parse_request
 from .video_io import probe_video
 
@@ -267,15 +268,15 @@ def rank_device(device: str, ranks: Ranks) -> str:
     return f'cuda:{ranks.local_rank}'
 
 
-def resolve_model(args, ranks: Ranks) -> str:
-    """The local model dir; each node's local rank 0 downloads first, the others then read its cache."""
-    from .hub import resolve_model_dir
+def resolve_model(args, ranks: Ranks) -> tuple:
+    """(model dir, base model dir or None), local; each node's local rank 0 downloads first, the others
+    then read its cache."""
     if ranks.local_rank == 0:
-        model_dir = resolve_model_dir(args.model, args.hub)
+        dirs = resolve_models(args)
     ranks.barrier()
     if ranks.local_rank != 0:
-        model_dir = resolve_model_dir(args.model, args.hub)
-    return model_dir
+        dirs = resolve_models(args)
+    return dirs
 
 
 def generate(pipe, item: Item, out_dir: str, rank: int) -> dict:
@@ -292,14 +293,14 @@ def generate(pipe, item: Item, out_dir: str, rank: int) -> dict:
             'request': item.values, 'rank': rank, 'finished_at': time.time()}
 
 
-def run_items(args, items: List[Item], done: Dict[int, dict], ranks: Ranks, model_dir: str) -> List[int]:
+def run_items(args, items: List[Item], done: Dict[int, dict], ranks: Ranks, dirs: tuple) -> List[int]:
     """Make this rank's unfinished items; counts [made, skipped, failed]."""
     mine = [item for item in items if (item.line - 1) % ranks.world_size == ranks.rank]
     todo = [item for item in mine if args.overwrite or not is_finished(item, done.get(item.line), args.out)]
     manifest = os.path.join(args.out, MANIFEST if not ranks.distributed else RANK_MANIFEST.format(ranks.rank))
     made = failed = 0
     if todo:  # the model is loaded once, and only when there is work
-        pipe = load_pipeline(argparse.Namespace(**{**vars(args), 'model': model_dir}))
+        pipe = load_pipeline(argparse.Namespace(**{**vars(args), 'model': dirs[0], 'base_model': dirs[1]}))
     for item in todo:
         try:
             entry = generate(pipe, item, args.out, ranks.rank)
@@ -340,9 +341,8 @@ def _run(args, ranks: Ranks) -> int:
     os.makedirs(args.out, exist_ok=True)
 
     # 2. check every line before any generation; every rank reads the same verdicts
-    from .config import load as load_config
-    model_dir = resolve_model(args, ranks)
-    config = load_config(model_dir)
+    dirs = resolve_model(args, ranks)
+    config = open_folder(*dirs).config
     parse_request({'text': 'a check of the flags'}, config, **defaults)
     if defaults.get('num_videos_per_prompt', 1) != 1:
         raise ValueError(f"--num-videos {defaults['num_videos_per_prompt']}: a batch makes one video per line; "
@@ -359,7 +359,7 @@ def _run(args, ranks: Ranks) -> int:
     done = {entry['line']: entry for entry in read_entries(os.path.join(args.out, MANIFEST))}
 
     # 4. this rank's share, then the merged manifest once every rank is done
-    made, skipped, failed = ranks.sum(run_items(args, items, done, ranks, model_dir))
+    made, skipped, failed = ranks.sum(run_items(args, items, done, ranks, dirs))
     ranks.barrier()
     if ranks.rank == 0:
         merge_manifests(args.out, remove_rank_files=False)  # rank files stay: this run's record per rank

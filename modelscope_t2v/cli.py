@@ -25,6 +25,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--model', default=DEFAULT_MODEL,
                        help='local model dir or hub id (default: %(default)s, downloaded once into the cache)')
     group.add_argument('--hub', choices=HUBS, default='huggingface', help='hub of a hub id (default: %(default)s)')
+    group.add_argument('--base-model', default=None,
+                       help='folder or hub id of the original model, for the files a partial original-format '
+                            "--model lacks (zeroscope's zs2_576w/ has no autoencoder or configuration.json)")
     group.add_argument('--device', default='gpu',
                        help="'gpu' (CUDA when available, else CPU), 'cpu', 'cuda:1'... (default: %(default)s)")
     group.add_argument('--compile', action='store_true',
@@ -66,7 +69,8 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='modelscope-t2v', description='Text to video with ModelScope\'s 1.7B diffusion model.',
-        epilog=f'example: {EXAMPLE}\nbatch jobs: modelscope-t2v batch --help',
+        epilog=f'example: {EXAMPLE}\nbatch jobs: modelscope-t2v batch --help\n'
+               'other layouts: modelscope-t2v convert --help',
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('prompt', help='what the video shows, in English')
     parser.add_argument('-o', '--output', dest='output_video', default=None,
@@ -86,13 +90,22 @@ def generation_options(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
+def resolve_models(args: argparse.Namespace) -> tuple:
+    """(model dir, base model dir or None) of the --model, --base-model and --hub flags, downloaded where they
+    are hub ids; a diffusers repo's fp16 files where --device is CUDA."""
+    from .hub import resolve_model_dir
+    from .pipeline import torch_device
+    half = torch_device(args.device).type == 'cuda'
+    base_model = resolve_model_dir(args.base_model, args.hub) if args.base_model else None
+    return resolve_model_dir(args.model, args.hub, half), base_model
+
+
 def load_pipeline(args: argparse.Namespace):
     """The ModelScope pipeline over the resolved model dir (the plugin registers on import)."""
     from modelscope.pipelines import pipeline
-
-    from .hub import resolve_model_dir
-    model_dir = resolve_model_dir(args.model, args.hub)
-    options = {'compile_unet': args.compile, 'low_memory': args.low_memory, 'half_cache': args.half_cache}
+    model_dir, base_model = resolve_models(args)
+    options = {'compile_unet': args.compile, 'low_memory': args.low_memory, 'half_cache': args.half_cache,
+               'base_model': base_model}
     return pipeline('text-to-video-synthesis', model_dir, device=args.device, **options)
 
 
@@ -115,11 +128,39 @@ def run_generate(argv) -> int:
     return 0
 
 
+def build_convert_parser() -> argparse.ArgumentParser:
+    from .convert import DTYPES, LAYOUTS
+    parser = argparse.ArgumentParser(
+        prog='modelscope-t2v convert', description='Write a model folder in the other layout (exact tensors).',
+        epilog='example: modelscope-t2v convert cerspense/zeroscope_v2_576w ./zeroscope-original --to original')
+    parser.add_argument('src', help='model folder or hub id, in either layout')
+    parser.add_argument('dst', help='the new folder (must not exist)')
+    parser.add_argument('--to', required=True, choices=LAYOUTS, help='layout to write')
+    parser.add_argument('--dtype', choices=sorted(DTYPES), default=None, help='cast the weights (default: keep)')
+    parser.add_argument('--safetensors', action='store_true', help='write .safetensors (default: torch pickles)')
+    parser.add_argument('--hub', choices=HUBS, default='huggingface', help='hub of a hub id (default: %(default)s)')
+    parser.add_argument('--base-model', default=None, help='folder or hub id supplying the files a partial '
+                        'original-format src lacks')
+    return parser
+
+
+def run_convert(argv) -> int:
+    from .convert import convert
+    from .hub import resolve_model_dir
+    args = build_convert_parser().parse_args(argv)
+    base_model = resolve_model_dir(args.base_model, args.hub) if args.base_model else None
+    print(convert(resolve_model_dir(args.src, args.hub), args.dst, args.to, args.dtype, args.safetensors,
+                  base_model))
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == 'batch':
         from .batch import main as batch_main
         return batch_main(argv[1:])
+    if argv and argv[0] == 'convert':
+        return guarded(run_convert, argv[1:])
     return guarded(run_generate, argv)
 
 

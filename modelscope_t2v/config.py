@@ -86,7 +86,9 @@ class ModelConfig:
     ckpt_autoencoder: str = 'VQGAN_autoencoder.pth'
     ckpt_clip: str = 'open_clip_pytorch_model.bin'
     max_frames: int = 16               # default frame count
-    size: int = 256                    # default height and width in pixels
+    height: int = 256                  # default size in pixels (fine-tunes: model_zoo.KNOWN_MODELS)
+    width: int = 256
+    sampler: str = 'ddim'              # default sampler (a diffusers folder's scheduler may choose another)
 
 
 # A model small enough for CPU tests: every feature of the real one, few channels.
@@ -96,7 +98,6 @@ TINY = ModelConfig(
     autoencoder=AutoencoderConfig(ch=32, ch_mult=(1, 1, 1, 1), res_blocks=1),
     text=TextEncoderConfig(width=64, heads=2, layers=3),
     max_frames=16,
-    size=256,
 )
 FULL = ModelConfig()
 
@@ -180,6 +181,41 @@ def load(model_dir: str | os.PathLike) -> ModelConfig:
                                 'beside the three checkpoint files')
     with open(path, encoding='utf-8') as f:
         return from_dict(json.load(f))
+
+
+def configuration_json(config: ModelConfig, kind: str = 'original') -> dict:
+    """configuration.json describing `config`: the original's layout ('original') or one that selects this
+    plugin ('plugin'). FULL gives exactly the released file."""
+    if kind not in ('original', 'plugin'):
+        raise ValueError(f"kind={kind!r} is not 'original' or 'plugin'")
+    model_cfg = to_model_cfg(config)
+    if config.unet == FULL.unet and config.autoencoder == FULL.autoencoder and config.text == FULL.text \
+            and config.diffusion == FULL.diffusion:   # exactly the released keys
+        model_cfg = {k: v for k, v in model_cfg.items() if not k.startswith(('vae_', 'text_', 'beta_'))}
+    model_cfg['loss_type'] = 'mse'
+    model_type = PLUGIN_TYPE if kind == 'plugin' else BUILTIN_TYPE
+    out = {
+        'framework': 'pytorch',
+        'task': 'text-to-video-synthesis',
+        'model': {
+            'type': model_type,
+            'model_args': {'ckpt_clip': config.ckpt_clip, 'ckpt_unet': config.ckpt_unet,
+                           'ckpt_autoencoder': config.ckpt_autoencoder,
+                           'max_frames': config.max_frames, 'tiny_gpu': 1},
+            'model_cfg': model_cfg,
+        },
+        'pipeline': {'type': model_type},
+    }
+    if kind == 'plugin':
+        out['preprocessor'] = {'type': model_type}
+        out['plugins'] = [PLUGIN_DISTRIBUTION]
+    return out
+
+
+def virtual_configuration_json() -> dict:
+    """What ModelScope reads as configuration.json of a model folder without one that this plugin loads."""
+    return {'framework': 'pytorch', 'task': 'text-to-video-synthesis',
+            'model': {'type': PLUGIN_TYPE}, 'pipeline': {'type': PLUGIN_TYPE}}
 
 
 def to_model_cfg(config: ModelConfig) -> dict:

@@ -29,8 +29,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import weights
-from .config import CONFIG_FILE, ModelConfig
+from . import model_folder, weights
+from .config import ModelConfig
+from .model_folder import ModelFolder
 from .models.autoencoder import AutoencoderKL
 from .models.text_encoder import OpenCLIPTextEncoder
 from .models.unet3d import UNet3D
@@ -44,36 +45,35 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 NETWORK_FILES = ('text_encoder.safetensors', 'unet.safetensors', 'autoencoder.safetensors')  # load_networks' order
 
 
-def load_networks_cached(model_dir: str, config: ModelConfig, dtype: torch.dtype, cache_dir: str | None = None):
-    """(text encoder, UNet, autoencoder) in `dtype` on the CPU, from a safetensors cache of the model dir's weights;
-    built from the originals (weights.load_networks) and written on the first call."""
+def load_networks_cached(folder: ModelFolder, dtype: torch.dtype, cache_dir: str | None = None):
+    """(text encoder, UNet, autoencoder) in `dtype` on the CPU, from a safetensors cache of the model folder's
+    weights; built from the originals (model_folder.load_networks) and written on the first call."""
     if dtype not in HALF_DTYPES:
         raise ValueError(f'dtype={dtype} cannot be cached: the weight cache holds one of '
-                         f'{[str(d) for d in HALF_DTYPES]}; load float32 with weights.load_networks')
-    folder = _cache_folder(model_dir, config, dtype, cache_dir)
-    if os.path.isdir(folder):
-        networks = _read(folder, config)
+                         f'{[str(d) for d in HALF_DTYPES]}; load float32 with model_folder.load_networks')
+    cache = _cache_folder(folder, dtype, cache_dir)
+    if os.path.isdir(cache):
+        networks = _read(cache, folder.config)
         if networks is not None:
-            logger.info('weights of %s read from the %s cache %s', model_dir, dtype, folder)
+            logger.info('weights of %s read from the %s cache %s', folder.path, dtype, cache)
             return networks  # the files hold `dtype`
-    logger.info('converting the weights of %s to %s (once); caching them in %s', model_dir, dtype, folder)
-    networks = tuple(net.to(dtype) for net in weights.load_networks(model_dir, config))
-    _write(folder, networks, model_dir)
+    logger.info('converting the weights of %s to %s (once); caching them in %s', folder.path, dtype, cache)
+    networks = tuple(net.to(dtype) for net in model_folder.load_networks(folder))
+    _write(cache, networks, folder.path)
     return networks
 
 
-def _cache_folder(model_dir: str, config: ModelConfig, dtype: torch.dtype, cache_dir: str | None) -> str:
+def _cache_folder(folder: ModelFolder, dtype: torch.dtype, cache_dir: str | None) -> str:
     """`<root>/<model dir name>-<dtype>-<hash>`; the hash covers all that the cached tensors depend on."""
     root = os.path.expanduser(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_ROOT)
-    model_dir = os.path.abspath(model_dir)
-    sources = (config.ckpt_clip, config.ckpt_unet, config.ckpt_autoencoder)
+    model_dir = os.path.abspath(folder.path)
     key = {
         'format': FORMAT_VERSION,
         'model_dir': model_dir,
+        'layout': folder.layout,
         # (size, mtime in ns) per source file: rewriting or touching one invalidates the cache
-        'sources': {name: _stamp(os.path.join(model_dir, name)) for name in sources},
-        'configuration.json': _file_digest(os.path.join(model_dir, CONFIG_FILE)),
-        'config': repr(config),  # the shapes built; differs from the file's only if a caller changed it
+        'sources': {os.path.abspath(path): _stamp(path) for files in folder.weights for path in files},
+        'config': repr(folder.config),  # the shapes built, from the folder's configuration file(s)
         'dtype': str(dtype),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -88,14 +88,6 @@ def _stamp(path: str):
     except OSError:
         return None
     return info.st_size, info.st_mtime_ns
-
-
-def _file_digest(path: str) -> str | None:
-    try:
-        with open(path, 'rb') as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    except OSError:
-        return None
 
 
 def _read(folder: str, config: ModelConfig):

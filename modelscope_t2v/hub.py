@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 
-from .config import CONFIG_FILE
+from .model_folder import files_to_download, is_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -21,19 +21,20 @@ class ModelNotFound(FileNotFoundError):
     """Neither a local model dir nor a hub id that could be downloaded."""
 
 
-def resolve_model_dir(model: str = DEFAULT_MODEL, hub: str = 'huggingface') -> str:
-    """A local model dir for `model`: itself if it is a folder, else the hub's cached download."""
+def resolve_model_dir(model: str = DEFAULT_MODEL, hub: str = 'huggingface', half: bool = False) -> str:
+    """A local model dir for `model`: itself if it is a folder, else the hub's cached download (only the
+    files loading needs; the fp16 variant of a diffusers folder when `half` and it has one)."""
     if os.path.isdir(model):
-        if not os.path.isfile(os.path.join(model, CONFIG_FILE)):
-            raise ModelNotFound(f'{model} is a folder without {CONFIG_FILE}; a model dir holds it '
-                                'beside the three checkpoint files')
+        if not is_model_folder(model):
+            raise ModelNotFound(f'{model} is a folder without a model: it holds neither configuration.json '
+                                'and the original checkpoint files nor model_index.json (diffusers layout)')
         return model
     if hub not in HUBS:
         raise ValueError(f'hub={hub!r} is not one of {HUBS}')
     if not _looks_like_hub_id(model):
         raise ModelNotFound(f'model={model!r} is neither an existing folder nor a hub id like {DEFAULT_MODEL!r}')
     try:
-        return _download(model, hub)
+        return _download(model, hub, half)
     except Exception as error:  # the hub clients raise many types for "offline" and "not found"
         raise ModelNotFound(
             f'could not get {model!r} from the {hub} hub ({type(error).__name__}: {_first_line(error)}). '
@@ -42,17 +43,19 @@ def resolve_model_dir(model: str = DEFAULT_MODEL, hub: str = 'huggingface') -> s
             'e.g. --model ./weights') from error
 
 
-def _download(repo_id: str, hub: str) -> str:
+def _download(repo_id: str, hub: str, half: bool) -> str:
     """The cached snapshot if there is one, else a download with the hub's progress bars."""
     if hub == 'modelscope':
         from modelscope.hub.snapshot_download import snapshot_download as modelscope_download
         return modelscope_download(repo_id)
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
     try:
         return snapshot_download(repo_id, local_files_only=True)
     except Exception:
-        logger.info('downloading %s from the Hugging Face Hub (once; then cached)', repo_id)
-        return snapshot_download(repo_id)
+        wanted = files_to_download(HfApi().list_repo_files(repo_id), half)
+        logger.info('downloading %s from the Hugging Face Hub (once; then cached): %s', repo_id,
+                    'all files' if wanted is None else ', '.join(wanted))
+        return snapshot_download(repo_id, allow_patterns=wanted)
 
 
 def _looks_like_hub_id(model: str) -> bool:

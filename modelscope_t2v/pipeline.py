@@ -11,7 +11,9 @@ built-in's class is served over the same tensors.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
+import os
 import pathlib
 from typing import Any, Dict
 
@@ -28,7 +30,7 @@ from modelscope.utils.constant import Fields, Tasks
 from modelscope.utils.import_utils import LazyImportModule
 
 from . import config as config_lib
-from . import serving, weights
+from . import model_folder, serving, weights
 from .request import GenerationRequest, parse_request
 from .serving import VideoFile
 from .text_to_video import GenerationResult, TextToVideo
@@ -59,9 +61,14 @@ class TextToVideoModel(Model):
 
     def __init__(self, model_dir: str, *args, engine: TextToVideo = None, **kwargs):
         super().__init__(model_dir, *args, **kwargs)
+        base_model = kwargs.get('base_model')
+        if base_model is not None:
+            from .hub import resolve_model_dir
+            base_model = resolve_model_dir(base_model)
         self.engine = engine or TextToVideo.from_pretrained(
             model_dir, device=torch_device(kwargs.get('device')), compile=kwargs.get('compile_unet', False),
-            low_memory=kwargs.get('low_memory', False), half_cache=kwargs.get('half_cache', False))
+            low_memory=kwargs.get('low_memory', False), half_cache=kwargs.get('half_cache', False),
+            base_model=base_model)
 
     @classmethod
     def from_builtin(cls, builtin: Model, device: str = 'gpu', **kwargs) -> 'TextToVideoModel':
@@ -86,14 +93,15 @@ class TextToVideoModel(Model):
 
 
 class TextToVideoPreprocessor(Preprocessor):
-    """Input dict + call options -> a checked GenerationRequest."""
+    """Input dict + call options -> a checked GenerationRequest, with the defaults of `config` (the pipeline
+    gives it its model's; ModelScope builds it from the model dir before the model is loaded)."""
 
     def __init__(self, model_dir: str = None, *args, config: config_lib.ModelConfig = None, **kwargs):
         super().__init__(*args, **{k: v for k, v in kwargs.items() if k == 'mode'})
-        self.config = config or (config_lib.load(model_dir) if model_dir else config_lib.FULL)
+        self.config = config
 
     def __call__(self, data, **options):
-        return parse_request(data, self.config, builtin_rules=True, **options)
+        return parse_request(data, self.config or config_lib.FULL, builtin_rules=True, **options)
 
 
 class TextToVideoPipeline(Pipeline):
@@ -101,6 +109,8 @@ class TextToVideoPipeline(Pipeline):
 
     def __init__(self, model, preprocessor=None, **kwargs):
         kwargs['auto_collate'] = False  # the request holds Python values, not a batch of tensors
+        if isinstance(model, str) and is_configurationless_folder(model):   # ModelScope would not load it
+            model = TextToVideoModel(model, **{**kwargs, 'device': kwargs.get('device', 'gpu')})
         super().__init__(model=model, preprocessor=preprocessor, **kwargs)
         if not isinstance(self.model, TextToVideoModel):   # built by ModelScope's own class
             options = {k: v for k, v in kwargs.items() if k in ('compile_unet', 'low_memory')}
@@ -108,6 +118,8 @@ class TextToVideoPipeline(Pipeline):
             self.models = [self.model]
         if not isinstance(self.preprocessor, TextToVideoPreprocessor):
             self.preprocessor = TextToVideoPreprocessor(config=self.model.engine.config)
+        if self.preprocessor.config is None:
+            self.preprocessor.config = self.model.engine.config
 
     def _sanitize_parameters(self, **options):
         return options, {}, {}  # every option is checked by the preprocessor
@@ -159,6 +171,7 @@ def register() -> None:
         except ImportError as error:   # then a script cannot import it either
             logger.debug('%s not importable (%s)', module, error)
     serving.register()
+    read_virtual_configurations()
     index = LazyImportModule.get_ast_index()[INDEX_KEY]
     here = {'filepath': __file__, 'imports': [], 'module': __name__}
     for type_name in (PLUGIN_TYPE, BUILTIN_TYPE):
@@ -169,3 +182,38 @@ def register() -> None:
         PREPROCESSOR_MAP[(type_name, TASK)] = type_name
         for registry, group in (('MODELS', TASK), ('PIPELINES', TASK), ('PREPROCESSORS', Fields.multi_modal)):
             index[(registry, group, type_name)] = here
+
+
+def read_virtual_configurations() -> None:
+    """Let ModelScope take a model folder without configuration.json that this package loads (diffusers
+    layout; zeroscope's partial zs2_576w/) as a model dir whose configuration.json selects this plugin.
+
+    pipeline() decides whether a path is a model dir with `is_official_hub_path` (a file check) and then
+    reads configuration.json through Config.from_file, as the rest of ModelScope does: those two are
+    wrapped, and answer differently only for such folders.
+    """
+    from modelscope.pipelines import builder
+    from modelscope.utils.config import Config
+    if getattr(Config.from_file, 'reads_virtual_configurations', False):
+        return
+    read, is_model_dir = Config.from_file, builder.is_official_hub_path
+
+    def from_file(filename, *args, **kwargs):
+        if is_configurationless_folder(os.path.dirname(os.fspath(filename))) and \
+                os.path.basename(os.fspath(filename)) == config_lib.CONFIG_FILE:
+            virtual = config_lib.virtual_configuration_json()
+            return Config(virtual, cfg_text=json.dumps(virtual), filename=os.fspath(filename))
+        return read(filename, *args, **kwargs)
+
+    def is_official_hub_path(path, *args, **kwargs):
+        return (isinstance(path, str) and is_configurationless_folder(path)) or is_model_dir(path, *args, **kwargs)
+
+    from_file.reads_virtual_configurations = True
+    Config.from_file = staticmethod(from_file)
+    builder.is_official_hub_path = is_official_hub_path
+
+
+def is_configurationless_folder(path: str) -> bool:
+    """A folder this package loads that has no configuration.json for ModelScope to read."""
+    return (os.path.isdir(path) and not os.path.exists(os.path.join(path, config_lib.CONFIG_FILE))
+            and model_folder.is_model_folder(path))

@@ -104,8 +104,8 @@ def parse_request(inputs, config: ModelConfig, builtin_rules: bool = False, **kw
     r = {
         'num_videos_per_prompt': _int(values, 'num_videos_per_prompt', 1, 1, 256),
         'num_frames': _int(values, 'num_frames', config.max_frames, 1, MAX_FRAMES),
-        'height': _side(values, 'height', config.size, config.autoencoder.downsample, builtin_rules),
-        'width': _side(values, 'width', config.size, config.autoencoder.downsample, builtin_rules),
+        'height': _side(values, 'height', config.height, config.autoencoder.downsample, builtin_rules),
+        'width': _side(values, 'width', config.width, config.autoencoder.downsample, builtin_rules),
         'fps': _number(values, 'fps', 8.0, 0.0, 240.0, low_open=True),
         'num_inference_steps': _int(values, 'num_inference_steps', 50, 1, config.diffusion.num_timesteps),
         'guidance_scale': _number(values, 'guidance_scale', 9.0, 0.0, 100.0),
@@ -115,7 +115,7 @@ def parse_request(inputs, config: ModelConfig, builtin_rules: bool = False, **kw
         'callback': _optional_callable(values, 'callback'),
         'decode_chunk_frames': (None if values.get('decode_chunk_frames') is None
                                 else _int(values, 'decode_chunk_frames', None, 1, MAX_FRAMES)),
-        'sampler': values.get('sampler', DEFAULT_SAMPLER),
+        'sampler': values.get('sampler', config.sampler),
         'generator': _optional_generator(values),
     }
     check_sampler(r['sampler'])

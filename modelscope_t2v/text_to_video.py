@@ -19,7 +19,7 @@ import torch
 from einops import rearrange
 
 from . import config as config_lib
-from . import tokenizer, video_io, weights
+from . import model_folder, tokenizer, video_io
 from .half_cache import HALF_DTYPES, load_networks_cached
 from .models.autoencoder import AutoencoderKL
 from .models.text_encoder import OpenCLIPTextEncoder
@@ -71,9 +71,11 @@ class TextToVideo:
 
     @classmethod
     def from_pretrained(cls, model_dir: str, device=None, dtype=None, compile: bool | str = False,
-                        low_memory: bool = False, half_cache: bool | str = False) -> 'TextToVideo':
+                        low_memory: bool = False, half_cache: bool | str = False,
+                        base_model: str | None = None) -> 'TextToVideo':
         """Build the networks of `model_dir` from its files (strictly) onto the device.
 
+        model_dir: a folder in the original layout or diffusers' (model_folder.py).
         compile: False, True or a torch.compile mode (COMPILE_MODES; True is
             'default'). On CUDA, compile_networks(mode): minutes once per process
             (less with inductor's on-disk cache warm), then about 2x faster per
@@ -82,18 +84,20 @@ class TextToVideo:
             uses and decode one frame at a time (docs/benchmarks.md: peak memory).
         half_cache: True or a folder: read the weights from a float16/bfloat16
             safetensors copy, written there on first use (half_cache.py).
+        base_model: a folder with the original files that a partial original-format
+            model_dir lacks (zeroscope's zs2_576w/ has no autoencoder).
         """
         compile_mode(compile)   # a bad value is refused before loading
-        config = config_lib.load(model_dir)
         device, dtype = default_device_and_dtype(device, dtype)
+        folder = model_folder.open_folder(model_dir, base_model, half=dtype in HALF_DTYPES)
         if half_cache and dtype in HALF_DTYPES:
             cache_dir = None if half_cache is True else half_cache
-            networks = load_networks_cached(model_dir, config, dtype, cache_dir)
+            networks = load_networks_cached(folder, dtype, cache_dir)
         else:
             if half_cache:
                 logger.warning('half_cache ignored: it holds float16/bfloat16 weights, and this run is %s', dtype)
-            networks = weights.load_networks(model_dir, config)
-        return cls.from_networks(config, networks, model_dir, device, dtype, compile, low_memory)
+            networks = model_folder.load_networks(folder)
+        return cls.from_networks(folder.config, networks, model_dir, device, dtype, compile, low_memory)
 
     @classmethod
     def from_networks(cls, config: config_lib.ModelConfig, networks, model_dir: str = '', device=None,

@@ -7,6 +7,7 @@ end token.
 """
 
 import functools
+import json
 
 import torch
 
@@ -45,3 +46,26 @@ def count_tokens(text: str) -> int:
     if not isinstance(text, str):
         raise TypeError(f'text must be a string, got {text!r}')
     return len(_tokenizer().encode(text)) + 2
+
+
+# transformers' CLIPTokenizer names the start and end tokens as OpenAI's release does
+HF_SPECIAL_TOKENS = {'bos_token': '<|startoftext|>', 'eos_token': '<|endoftext|>',
+                     'unk_token': '<|endoftext|>', 'pad_token': '!'}   # '!' is id 0: open_clip's padding
+
+
+def hf_tokenizer_files(context_length: int = 77) -> dict:
+    """File name -> text of a transformers CLIPTokenizer folder that tokenizes as this module does
+    (a diffusers folder's tokenizer/): the same BPE vocabulary and merges, zero padding to 77."""
+    tok = _tokenizer()
+    vocab = {word: i for word, i in tok.encoder.items()}
+    vocab[HF_SPECIAL_TOKENS['bos_token']] = vocab.pop('<start_of_text>')
+    vocab[HF_SPECIAL_TOKENS['eos_token']] = vocab.pop('<end_of_text>')
+    merges = sorted(tok.bpe_ranks, key=tok.bpe_ranks.get)
+    config = {'tokenizer_class': 'CLIPTokenizer', 'model_max_length': context_length, 'do_lower_case': True,
+              'errors': 'replace', **HF_SPECIAL_TOKENS}
+    return {
+        'vocab.json': json.dumps(vocab, ensure_ascii=False),
+        'merges.txt': '#version: 0.2\n' + '\n'.join(f'{a} {b}' for a, b in merges) + '\n',
+        'tokenizer_config.json': json.dumps(config, indent=2),
+        'special_tokens_map.json': json.dumps(HF_SPECIAL_TOKENS, indent=2),
+    }

@@ -113,7 +113,7 @@ def _guard(path: str, read: Callable[[], dict], *reader_errors: type) -> dict:
 
 def unet_state_dict(path) -> StateDict:
     """text2video_pytorch_model.pth: a bare state dict of the UNet."""
-    return _tensors_only(read_checkpoint(path), path)
+    return tensors_only(read_checkpoint(path), path)
 
 
 def autoencoder_state_dict(path) -> StateDict:
@@ -129,13 +129,13 @@ def autoencoder_state_dict(path) -> StateDict:
         if not selected:
             raise CheckpointError(f'checkpoint {path} has no {AUTOENCODER_PREFIX}* keys in its '
                                   f'state_dict; first keys: {_first(full)}')
-        return _tensors_only(selected, path)
-    return _tensors_only(checkpoint, path)
+        return tensors_only(selected, path)
+    return tensors_only(checkpoint, path)
 
 
 def text_state_dict(path, keep: Callable[[str], bool], unused: Callable[[str], bool]) -> StateDict:
     """open_clip_pytorch_model.bin: the keys `keep` accepts; the rest must be known `unused` ones."""
-    return select_text_keys(_tensors_only(read_checkpoint(path), path), keep, unused, path)
+    return select_text_keys(tensors_only(read_checkpoint(path), path), keep, unused, path)
 
 
 def select_text_keys(clip_state: StateDict, keep: Callable[[str], bool], unused: Callable[[str], bool],
@@ -148,7 +148,7 @@ def select_text_keys(clip_state: StateDict, keep: Callable[[str], bool], unused:
     return {k: v for k, v in clip_state.items() if keep(k)}
 
 
-def _tensors_only(checkpoint, path) -> StateDict:
+def tensors_only(checkpoint, path) -> StateDict:
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f'checkpoint {path} is not a state dict of tensors '
                               f'(got {type(checkpoint).__name__})')
@@ -199,15 +199,7 @@ def text_key_rules(config: ModelConfig):
     return keep, unused
 
 
-# -- the three networks of a model dir ------------------------------------------------------
-
-def load_networks(model_dir: str, config: ModelConfig):
-    """(text encoder, UNet, autoencoder) holding the files' tensors, on the CPU."""
-    path = lambda name: os.path.join(model_dir, name)  # noqa: E731
-    clip, unet, vae = path(config.ckpt_clip), path(config.ckpt_unet), path(config.ckpt_autoencoder)
-    return build_networks(config, text_state_dict(clip, *text_key_rules(config)), unet_state_dict(unet),
-                          autoencoder_state_dict(vae), sources=(clip, unet, vae))
-
+# -- the three networks ---------------------------------------------------------------------
 
 def build_networks(config: ModelConfig, text: StateDict, unet: StateDict, autoencoder: StateDict,
                    sources=('text encoder', 'UNet', 'autoencoder')):

@@ -21,9 +21,14 @@ def run_interpreted(code: str) -> str:
     return done.stdout
 
 
-def tiny_unet_kernel_vs_plain(switch: str, report: str = '') -> list:
-    """The tiny UNet3D (float32) run plain, then again after `switch`, one line of code that routes a layer
-    through its kernel (interpreted): [relative difference, then the value of each `report` expression]."""
+# latents (videos, c, frames, h, w) the kernels' UNet tests run: the default 16 frames of 8x8 (64x64 pixels),
+# and zeroscope_v2_576w's 24 frames at 40x72 pixels: 5x9 latents, 3x5 at the tiny UNet's deepest level
+UNET_LATENTS = {'16x8x8': (2, 4, 16, 8, 8), '24x5x9': (1, 4, 24, 5, 9)}
+
+
+def tiny_unet_kernel_vs_plain(switch: str, report: str = '', latents=UNET_LATENTS['16x8x8']) -> list:
+    """The tiny UNet3D (float32) run plain on `latents`, then again after `switch`, one line of code that
+    routes a layer through its kernel (interpreted): [relative difference, then each `report` value]."""
     out = run_interpreted(f'''
         import torch
         from modelscope_t2v.config import TINY
@@ -31,8 +36,9 @@ def tiny_unet_kernel_vs_plain(switch: str, report: str = '') -> list:
         from reference import randomize_, rel_err
         unet = randomize_(UNet3D(TINY.unet), 0).eval()
         g = torch.Generator().manual_seed(1)
-        x, context = torch.randn(2, 4, 16, 8, 8, generator=g), torch.randn(2, 77, TINY.unet.context_dim, generator=g)
-        t = torch.tensor([981, 21])
+        x = torch.randn({tuple(latents)}, generator=g)
+        context = torch.randn(x.shape[0], 77, TINY.unet.context_dim, generator=g)
+        t = torch.tensor([981, 21][:x.shape[0]])
         with torch.no_grad():
             plain = unet(x, t, context)
             {switch}

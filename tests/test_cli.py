@@ -65,7 +65,7 @@ def test_help_documents_defaults_and_ranges():
 
 def test_resolve_model_dir(tiny_model_dir, tmp_path):
     assert resolve_model_dir(tiny_model_dir) == tiny_model_dir
-    with pytest.raises(ModelNotFound, match='without configuration.json'):
+    with pytest.raises(ModelNotFound, match='is a folder without a model: it holds neither configuration.json'):
         resolve_model_dir(str(tmp_path))
     with pytest.raises(ModelNotFound, match='neither an existing folder nor a hub id'):
         resolve_model_dir('./missing/model/dir')

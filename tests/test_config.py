@@ -6,7 +6,6 @@ import os
 import pytest
 
 from modelscope_t2v import config as config_lib
-from modelscope_t2v.tools.make_random_model import configuration
 
 # a copy of the released model's configuration.json (shared/reference/ beside the repo)
 REFERENCE = os.path.join(os.path.dirname(__file__), 'data', 'original-configuration.json')
@@ -16,27 +15,27 @@ def test_released_configuration_is_the_full_model():
     with open(REFERENCE) as f:
         raw = json.load(f)
     assert config_lib.from_dict(raw) == config_lib.FULL
-    assert configuration(config_lib.FULL, 'original') == raw  # the maker writes it unchanged
+    assert config_lib.configuration_json(config_lib.FULL, 'original') == raw  # the maker writes it unchanged
 
 
 def test_tiny_configuration_round_trips():
-    raw = configuration(config_lib.TINY, 'plugin')
+    raw = config_lib.configuration_json(config_lib.TINY, 'plugin')
     assert config_lib.from_dict(raw) == config_lib.TINY
 
 
 @pytest.mark.parametrize('value,expected', [('True', True), ('False', False), (True, True)])
 def test_temporal_attention_accepts_the_string_booleans(value, expected):
-    raw = configuration(config_lib.TINY, 'original')
+    raw = config_lib.configuration_json(config_lib.TINY, 'original')
     raw['model']['model_cfg']['temporal_attention'] = value
     assert config_lib.from_dict(raw).unet.temporal_attention is expected
 
 
 def test_bad_values_are_named():
-    raw = configuration(config_lib.TINY, 'original')
+    raw = config_lib.configuration_json(config_lib.TINY, 'original')
     raw['model']['model_cfg']['temporal_attention'] = 'yes'
     with pytest.raises(ValueError, match="temporal_attention='yes'"):
         config_lib.from_dict(raw)
-    raw = configuration(config_lib.TINY, 'original')
+    raw = config_lib.configuration_json(config_lib.TINY, 'original')
     raw['model']['model_cfg']['unet_dimm'] = 320
     with pytest.raises(ValueError, match='unet_dimm'):
         config_lib.from_dict(raw)

@@ -3,9 +3,9 @@
 No GPU here: Triton's interpreter runs the same kernel code with NumPy.
 """
 
-
+import pytest
 import torch
-from interpreted import run_interpreted, tiny_unet_kernel_vs_plain
+from interpreted import UNET_LATENTS, run_interpreted, tiny_unet_kernel_vs_plain
 
 from modelscope_t2v.models import frame_attention as fa
 
@@ -30,9 +30,11 @@ def test_kernel_equals_float32_attention():
     assert len(errors) == 4 and max(errors) < 4e-3  # float16 inputs and output: rounding ~1e-3
 
 
-def test_unet_with_kernel_equals_unet_with_sdpa():
+@pytest.mark.parametrize('latents', UNET_LATENTS)
+def test_unet_with_kernel_equals_unet_with_sdpa(latents):
     err, = tiny_unet_kernel_vs_plain(
-        'from modelscope_t2v.models import frame_attention; frame_attention.kernel_serves = lambda q: True')
+        'from modelscope_t2v.models import frame_attention; frame_attention.kernel_serves = lambda q: True',
+        latents=UNET_LATENTS[latents])
     print(f'tiny UNet3D, temporal attention in the kernel vs SDPA (float32): {err:.2e}')
     assert err < 1e-5
 

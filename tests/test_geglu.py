@@ -3,9 +3,9 @@
 No GPU here: Triton's interpreter runs the same kernel code with NumPy.
 """
 
-
+import pytest
 import torch
-from interpreted import run_interpreted, tiny_unet_kernel_vs_plain
+from interpreted import UNET_LATENTS, run_interpreted, tiny_unet_kernel_vs_plain
 
 from modelscope_t2v.models import geglu as geglu_lib
 
@@ -52,10 +52,12 @@ def test_kernel_gelu_equals_exact_erf_gelu():
     assert absolute < 1e-6 and relative < 2.5e-4   # erfc to 1.5e-7 (A&S 7.1.26); float16 resolves 4.9e-4
 
 
-def test_unet_with_kernel_equals_unet_with_linear():
+@pytest.mark.parametrize('latents', UNET_LATENTS)
+def test_unet_with_kernel_equals_unet_with_linear(latents):
     err, calls = tiny_unet_kernel_vs_plain(
         'from modelscope_t2v.models import geglu; calls = []; '
-        'geglu.kernel_serves = lambda x, weight: calls.append(x.shape) or True', report='len(calls)')
+        'geglu.kernel_serves = lambda x, weight: calls.append(x.shape) or True', report='len(calls)',
+        latents=UNET_LATENTS[latents])
     print(f'tiny UNet3D (float32), {calls:.0f} GEGLU calls in the kernel vs F.linear: {err:.2e}')
     assert calls > 0 and err < 1e-5
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from modelscope_t2v import config as config_lib
-from modelscope_t2v import half_cache, weights
+from modelscope_t2v import half_cache, model_folder
 from modelscope_t2v.half_cache import load_networks_cached
+from modelscope_t2v.model_folder import open_folder
 
 FILES = ['autoencoder.safetensors', 'text_encoder.safetensors', 'unet.safetensors']
 BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16}  # view as integers: compare bits, not values
@@ -23,7 +24,7 @@ def config(tiny_model_dir):
 @pytest.fixture(scope='module')
 def originals(tiny_model_dir, config):
     """The float32 networks read from the original files."""
-    return weights.load_networks(tiny_model_dir, config)
+    return model_folder.load_networks(open_folder(tiny_model_dir))
 
 
 @pytest.fixture
@@ -34,21 +35,21 @@ def model_dir(tiny_model_dir, tmp_path):
 
 @pytest.fixture
 def count_builds(monkeypatch):
-    """Counts the calls of weights.load_networks (reads of the originals)."""
+    """Counts the calls of model_folder.load_networks (reads of the originals)."""
     calls = []
-    real = weights.load_networks
+    real = model_folder.load_networks
 
     def counted(*args):
         calls.append(args)
         return real(*args)
-    monkeypatch.setattr(weights, 'load_networks', counted)
+    monkeypatch.setattr(model_folder, 'load_networks', counted)
     return calls
 
 
 def _forbid_builds(monkeypatch):
     def refuse(*args):
         raise AssertionError('read the original files although the cache should have served')
-    monkeypatch.setattr(weights, 'load_networks', refuse)
+    monkeypatch.setattr(model_folder, 'load_networks', refuse)
 
 
 def _assert_converted(networks, originals, dtype) -> int:
@@ -73,7 +74,7 @@ def _folders(root) -> list:
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 def test_first_call_writes_three_files_second_call_reads_them(tiny_model_dir, config, originals, tmp_path,
                                                             monkeypatch, count_builds, dtype):
-    first = load_networks_cached(tiny_model_dir, config, dtype, cache_dir=str(tmp_path))
+    first = load_networks_cached(open_folder(tiny_model_dir), dtype, cache_dir=str(tmp_path))
     assert len(count_builds) == 1
     [folder] = _folders(tmp_path)  # no temporary folder left beside it
     assert folder.startswith('tiny-original') and str(dtype).split('.')[1] in folder
@@ -82,7 +83,7 @@ def test_first_call_writes_three_files_second_call_reads_them(tiny_model_dir, co
     assert _assert_converted(first, originals, dtype) == n
 
     _forbid_builds(monkeypatch)
-    second = load_networks_cached(tiny_model_dir, config, dtype, cache_dir=str(tmp_path))
+    second = load_networks_cached(open_folder(tiny_model_dir), dtype, cache_dir=str(tmp_path))
     assert _assert_converted(second, originals, dtype) == n
     assert [type(net) for net in second] == [type(net) for net in originals]
     assert _folders(tmp_path) == [folder]
@@ -90,7 +91,7 @@ def test_first_call_writes_three_files_second_call_reads_them(tiny_model_dir, co
 
 def test_files_hold_only_the_networks_keys(tiny_model_dir, config, originals, tmp_path):
     from safetensors import safe_open
-    load_networks_cached(tiny_model_dir, config, torch.float16, cache_dir=str(tmp_path))
+    load_networks_cached(open_folder(tiny_model_dir), torch.float16, cache_dir=str(tmp_path))
     [folder] = _folders(tmp_path)
     for file, original in zip(['text_encoder.safetensors', 'unet.safetensors', 'autoencoder.safetensors'], originals):
         with safe_open(str(tmp_path / folder / file), framework='pt') as f:
@@ -103,7 +104,7 @@ def test_files_hold_only_the_networks_keys(tiny_model_dir, config, originals, tm
 
 def test_touching_a_source_file_gives_a_new_folder_and_a_rebuild(model_dir, config, tmp_path, count_builds):
     cache = tmp_path / 'cache'
-    load_networks_cached(str(model_dir), config, torch.float16, cache_dir=str(cache))
+    load_networks_cached(open_folder(str(model_dir)), torch.float16, cache_dir=str(cache))
     [old] = _folders(cache)
 
     # rewrite the UNet with one tensor doubled, then give it a new mtime
@@ -115,20 +116,20 @@ def test_touching_a_source_file_gives_a_new_folder_and_a_rebuild(model_dir, conf
     stat = os.stat(unet_path)
     os.utime(unet_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
 
-    networks = load_networks_cached(str(model_dir), config, torch.float16, cache_dir=str(cache))
+    networks = load_networks_cached(open_folder(str(model_dir)), torch.float16, cache_dir=str(cache))
     assert len(count_builds) == 2
     assert len(_folders(cache)) == 2 and old in _folders(cache)
     assert torch.equal(networks[1].state_dict()[name], state[name].to(torch.float16))
 
     os.utime(unet_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2_000_000_000))  # a touch alone
-    load_networks_cached(str(model_dir), config, torch.float16, cache_dir=str(cache))
+    load_networks_cached(open_folder(str(model_dir)), torch.float16, cache_dir=str(cache))
     assert len(count_builds) == 3 and len(_folders(cache)) == 3
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.int8])
 def test_a_dtype_other_than_half_is_refused(tiny_model_dir, config, tmp_path, dtype):
     with pytest.raises(ValueError, match=rf"{dtype}.*torch.float16.*torch.bfloat16"):
-        load_networks_cached(tiny_model_dir, config, dtype, cache_dir=str(tmp_path / 'cache'))
+        load_networks_cached(open_folder(tiny_model_dir), dtype, cache_dir=str(tmp_path / 'cache'))
     assert not (tmp_path / 'cache').exists()
 
 
@@ -137,7 +138,7 @@ def test_unwritable_cache_dir_warns_and_still_returns_the_networks(tiny_model_di
     (tmp_path / 'a_file').write_text('not a folder')
     cache = tmp_path / 'a_file' / 'cache'  # cannot be created: its parent is a regular file
     with caplog.at_level(logging.WARNING, logger=half_cache.__name__):
-        networks = load_networks_cached(tiny_model_dir, config, torch.float16, cache_dir=str(cache))
+        networks = load_networks_cached(open_folder(tiny_model_dir), torch.float16, cache_dir=str(cache))
     assert _assert_converted(networks, originals, torch.float16) == sum(len(n.state_dict()) for n in originals)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and 'could not write the weight cache' in warnings[0].getMessage()
@@ -146,7 +147,7 @@ def test_unwritable_cache_dir_warns_and_still_returns_the_networks(tiny_model_di
 
 def test_a_corrupt_cache_file_is_detected_and_rebuilt(tiny_model_dir, config, originals, tmp_path, monkeypatch,
                                                       count_builds, caplog):
-    load_networks_cached(tiny_model_dir, config, torch.float16, cache_dir=str(tmp_path))
+    load_networks_cached(open_folder(tiny_model_dir), torch.float16, cache_dir=str(tmp_path))
     [folder] = _folders(tmp_path)
     unet_file = tmp_path / folder / 'unet.safetensors'
     size = unet_file.stat().st_size
@@ -154,7 +155,7 @@ def test_a_corrupt_cache_file_is_detected_and_rebuilt(tiny_model_dir, config, or
         f.truncate(size // 2)
 
     with caplog.at_level(logging.WARNING, logger=half_cache.__name__):
-        networks = load_networks_cached(tiny_model_dir, config, torch.float16, cache_dir=str(tmp_path))
+        networks = load_networks_cached(open_folder(tiny_model_dir), torch.float16, cache_dir=str(tmp_path))
     assert len(count_builds) == 2
     assert sum('is unusable' in r.getMessage() for r in caplog.records) == 1
     n = sum(len(net.state_dict()) for net in originals)
@@ -162,7 +163,7 @@ def test_a_corrupt_cache_file_is_detected_and_rebuilt(tiny_model_dir, config, or
     assert _folders(tmp_path) == [folder] and unet_file.stat().st_size == size  # rewritten whole
 
     _forbid_builds(monkeypatch)
-    again = load_networks_cached(tiny_model_dir, config, torch.float16, cache_dir=str(tmp_path))
+    again = load_networks_cached(open_folder(tiny_model_dir), torch.float16, cache_dir=str(tmp_path))
     assert _assert_converted(again, originals, torch.float16) == n
 
 
@@ -175,7 +176,7 @@ def test_a_concurrent_writer_s_folder_wins(tiny_model_dir, config, originals, tm
         (open(os.path.join(dst, 'theirs'), 'w')).close()  # non-empty: the rename is refused
         return real_rename(src, dst)
     monkeypatch.setattr(half_cache.os, 'rename', rename_after_another_writer)
-    networks = load_networks_cached(tiny_model_dir, config, torch.float16, cache_dir=str(tmp_path))
+    networks = load_networks_cached(open_folder(tiny_model_dir), torch.float16, cache_dir=str(tmp_path))
     assert _assert_converted(networks, originals, torch.float16) == sum(len(n.state_dict()) for n in originals)
     [folder] = _folders(tmp_path)
     assert os.listdir(tmp_path / folder) == ['theirs']
@@ -183,17 +184,17 @@ def test_a_concurrent_writer_s_folder_wins(tiny_model_dir, config, originals, tm
 
 def test_cache_root_from_the_environment_then_home(tiny_model_dir, config, tmp_path, monkeypatch):
     monkeypatch.setenv(half_cache.CACHE_ENV, str(tmp_path / 'env'))
-    load_networks_cached(tiny_model_dir, config, torch.float16)
+    load_networks_cached(open_folder(tiny_model_dir), torch.float16)
     [folder] = _folders(tmp_path / 'env')
     assert sorted(os.listdir(tmp_path / 'env' / folder)) == FILES
 
     monkeypatch.delenv(half_cache.CACHE_ENV)
     monkeypatch.setenv('HOME', str(tmp_path / 'home'))
-    load_networks_cached(tiny_model_dir, config, torch.float16)
+    load_networks_cached(open_folder(tiny_model_dir), torch.float16)
     assert _folders(tmp_path / 'home' / '.cache' / 'modelscope_t2v') == [folder]  # same key, other root
 
     monkeypatch.setenv(half_cache.CACHE_ENV, str(tmp_path / 'env2'))
-    load_networks_cached(tiny_model_dir, config, torch.float16, cache_dir=str(tmp_path / 'given'))
+    load_networks_cached(open_folder(tiny_model_dir), torch.float16, cache_dir=str(tmp_path / 'given'))
     assert _folders(tmp_path / 'given') == [folder]  # an argument beats the environment
     assert not (tmp_path / 'env2').exists()
 
@@ -202,7 +203,7 @@ def test_cache_root_from_the_environment_then_home(tiny_model_dir, config, tmp_p
 def test_cache_is_as_readable_as_the_model_dir(model_dir, config, tmp_path, dir_mode):
     """safetensors writes 0o600 and mkdtemp 0o700; the cache takes the model dir's mode instead."""
     os.chmod(model_dir, dir_mode)
-    load_networks_cached(str(model_dir), config, torch.float16, cache_dir=str(tmp_path / 'cache'))
+    load_networks_cached(open_folder(str(model_dir)), torch.float16, cache_dir=str(tmp_path / 'cache'))
     [folder] = _folders(tmp_path / 'cache')
     assert os.stat(tmp_path / 'cache' / folder).st_mode & 0o777 == dir_mode
     assert {os.stat(tmp_path / 'cache' / folder / f).st_mode & 0o777 for f in FILES} == {dir_mode & 0o666}

@@ -26,31 +26,6 @@ from ..weights import AUTOENCODER_PREFIX
 SIZES = {'tiny': config_lib.TINY, 'full': config_lib.FULL}
 
 
-def configuration(config: config_lib.ModelConfig, kind: str) -> dict:
-    """configuration.json: the original's layout ('original') or the plugin's ('plugin')."""
-    model_cfg = config_lib.to_model_cfg(config)
-    if config == config_lib.FULL:  # exactly the released keys
-        model_cfg = {k: v for k, v in model_cfg.items() if not k.startswith(('vae_', 'text_', 'beta_'))}
-    model_cfg['loss_type'] = 'mse'
-    model_type = config_lib.PLUGIN_TYPE if kind == 'plugin' else config_lib.BUILTIN_TYPE
-    out = {
-        'framework': 'pytorch',
-        'task': 'text-to-video-synthesis',
-        'model': {
-            'type': model_type,
-            'model_args': {'ckpt_clip': config.ckpt_clip, 'ckpt_unet': config.ckpt_unet,
-                           'ckpt_autoencoder': config.ckpt_autoencoder,
-                           'max_frames': config.max_frames, 'tiny_gpu': 1},
-            'model_cfg': model_cfg,
-        },
-        'pipeline': {'type': model_type},
-    }
-    if kind == 'plugin':
-        out['preprocessor'] = {'type': model_type}
-        out['plugins'] = [config_lib.PLUGIN_DISTRIBUTION]
-    return out
-
-
 def _scale_init_(module: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
     """Weights ~ N(0, 1/fan_in), biases small, norms near 1: activations stay of order one."""
     with torch.no_grad():
@@ -102,7 +77,7 @@ def write_model_dir(model_dir: str, config: config_lib.ModelConfig, kind: str = 
     torch.save(autoencoder_checkpoint(config, generator), os.path.join(model_dir, config.ckpt_autoencoder))
     torch.save(clip_state_dict(config, generator), os.path.join(model_dir, config.ckpt_clip))
     with open(os.path.join(model_dir, config_lib.CONFIG_FILE), 'w', encoding='utf-8') as f:
-        json.dump(configuration(config, kind), f, indent=4)
+        json.dump(config_lib.configuration_json(config, kind), f, indent=4)
     return model_dir
 
 
