@@ -24,7 +24,7 @@ from .half_cache import HALF_DTYPES, load_networks_cached
 from .models.autoencoder import AutoencoderKL
 from .models.text_encoder import OpenCLIPTextEncoder
 from .models.unet3d import UNet3D
-from .request import GenerationCancelled, GenerationRequest
+from .request import GenerationCancelled, GenerationRequest, NonFiniteError
 from .sampling import denoise, guided
 from .schedulers import draws_step_noise, make_scheduler
 
@@ -208,18 +208,24 @@ class TextToVideo:
         noise = noise.to(self.device, self.dtype)
 
         # 4. denoise; stochastic samplers (eta > 0, ancestral, SDE) draw their noise from the seed too
-        scheduler = make_scheduler(request.sampler, self.config.diffusion)
+        scheduler = make_scheduler(request.sampler, self.config.diffusion, request.num_inference_steps)
         model_fn = self.guided_unet(context, uncond, request.guidance_scale)
+        sums = []   # (timestep, float32 sum of the latents) after each step
         latents = denoise(model_fn, noise, None, scheduler, request.num_inference_steps,
                           eta=request.eta, generator=step_noise_generator(request),
-                          callback=_checked_callback(request.callback), progress=_progress(request))
+                          callback=_watched_steps(request.callback, sums), progress=_progress(request))
+        check_finite_steps(sums, request)
         parameters = [self.parameters(request, seeds[i], prompts[i], negatives[i])
                       for i in range(request.num_videos)]
         if request.output_type == 'latents':
             return GenerationResult(parameters=parameters, latents=latents.float().cpu())
 
         # 5. decode to uint8 frames (n, f, h, w, 3)
-        frames = list(to_uint8_frames(self.decode(latents, request.decode_chunk_frames)))
+        video = self.decode(latents, request.decode_chunk_frames)
+        if not torch.isfinite(video).all():
+            raise NonFiniteError(f'the autoencoder decoded NaN or inf from finite latents ({self.dtype} '
+                                 'overflow?); no file was written')
+        frames = list(to_uint8_frames(video))
         if request.output_type == 'frames':
             return GenerationResult(parameters=parameters, frames=frames)
 
@@ -301,15 +307,30 @@ def output_paths(output_video, n: int) -> List[str]:
     return [f'{stem}-{i}{ext}' for i in range(n)]
 
 
-def _checked_callback(callback):
-    if callback is None:
-        return None
-
+def _watched_steps(callback, sums: list):
+    """denoise's callback: the request's callback (False cancels), then a float32 sum of the latents, appended
+    to `sums` with the timestep. The sum stays on the device, queued without waiting for the step; NaN or inf
+    anywhere in the latents, the caller's writes included, makes it non-finite."""
     def call(step, timestep, latents):
-        if callback(step, timestep, latents) is False:
+        if callback is not None and callback(step, timestep, latents) is False:
             raise GenerationCancelled(f'generation cancelled by the callback at step {step}')
+        sums.append((timestep, latents.sum(dtype=torch.float32)))
 
     return call
+
+
+def check_finite_steps(sums: list, request: GenerationRequest) -> None:
+    """Raise NonFiniteError naming the first step whose latents hold NaN or inf (they would decode to a black
+    video); one wait for the device, after the last step."""
+    finite = torch.isfinite(torch.stack([total for _, total in sums])).tolist()
+    if all(finite):
+        return
+    step = finite.index(False)
+    sampler = request.sampler if isinstance(request.sampler, str) else type(request.sampler).__name__
+    raise NonFiniteError(f'the latents became NaN or inf at step {step + 1} of {len(sums)} (timestep '
+                         f'{sums[step][0]}) with sampler={sampler!r}, guidance_scale={request.guidance_scale}; '
+                         'no file was written. A scheduler instance or a callback that writes non-finite values '
+                         'does this, as do weights that overflow float16')
 
 
 def _progress(request: GenerationRequest):
