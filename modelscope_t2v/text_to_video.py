@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -68,6 +69,8 @@ class TextToVideo:
         self.text_encoder = text_encoder.eval().requires_grad_(False).to(resting, self.dtype)
         self.unet = unet.eval().requires_grad_(False).to(self.device, self.dtype)
         self.autoencoder = autoencoder.eval().requires_grad_(False).to(resting, self.dtype)
+        self._lock = threading.Lock()        # held by the running generation (generating())
+        self._generating_thread = None       # the thread that holds it
 
     @classmethod
     def from_pretrained(cls, model_dir: str, device=None, dtype=None, compile: bool | str = False,
@@ -159,6 +162,25 @@ class TextToVideo:
         with self.on_device(self.autoencoder) as autoencoder:
             return autoencoder.decode_video(latents, chunk_frames)
 
+    @contextlib.contextmanager
+    def generating(self):
+        """Hold the engine for one generation, from its text to its frames; a call from another thread waits.
+
+        The networks carry per-generation state: the UNet keeps the running generation's text keys and values
+        (UNet3D.remember_text: projected once, in static buffers that the CUDA graphs of compile_networks
+        read), and with low_memory the text encoder and autoencoder move between devices. Serialising
+        keeps that fast path unchanged; a GPU runs one generation at a time at full speed anyway.
+        """
+        if self._generating_thread == threading.get_ident():
+            raise RuntimeError('a callback cannot start a generation on the same engine: it would wait for the '
+                               'generation that called it; use another TextToVideo for nested generations')
+        with self._lock:
+            self._generating_thread = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._generating_thread = None
+
     def guided_unet(self, context: torch.Tensor, uncond: Optional[torch.Tensor], scale: float):
         """eps(x, t, None) of the UNet guided by these texts (uncond None: guidance off). Their keys and
         values are projected once here, not at every step (UNet3D.remember_text)."""
@@ -193,39 +215,40 @@ class TextToVideo:
 
     @torch.no_grad()
     def __call__(self, request: GenerationRequest) -> GenerationResult:
-        """Generate the videos of a checked request."""
+        """Generate the videos of a checked request; safe from several threads (steps 2-5 hold
+        generating(), so calls run one at a time; writing the files does not hold it)."""
         # 1. inputs were checked by parse_request; one row per video from here on
         per_video = request.num_videos_per_prompt
         prompts = [p for p in request.prompts for _ in range(per_video)]
         negatives = [p for p in request.negative_prompts for _ in range(per_video)]
+        with self.generating():
+            # 2. encode text (the unconditional branch only when guidance is on)
+            guidance_on = request.guidance_scale > 1.0
+            context, uncond = self.encode_prompts(prompts, negatives if guidance_on else None)
 
-        # 2. encode text (the unconditional branch only when guidance is on)
-        guidance_on = request.guidance_scale > 1.0
-        context, uncond = self.encode_prompts(prompts, negatives if guidance_on else None)
+            # 3. prepare noise, on the CPU from the seeds (or torch's global generator), then moved
+            noise, seeds = self.initial_noise(request)
+            noise = noise.to(self.device, self.dtype)
 
-        # 3. prepare noise, on the CPU from the seeds (or torch's global generator), then moved
-        noise, seeds = self.initial_noise(request)
-        noise = noise.to(self.device, self.dtype)
+            # 4. denoise; stochastic samplers (eta > 0, ancestral, SDE) draw their noise from the seed too
+            scheduler = make_scheduler(request.sampler, self.config.diffusion, request.num_inference_steps)
+            model_fn = self.guided_unet(context, uncond, request.guidance_scale)
+            sums = []   # (timestep, float32 sum of the latents) after each step
+            latents = denoise(model_fn, noise, None, scheduler, request.num_inference_steps,
+                              eta=request.eta, generator=step_noise_generator(request),
+                              callback=_watched_steps(request.callback, sums), progress=_progress(request))
+            check_finite_steps(sums, request)
+            parameters = [self.parameters(request, seeds[i], prompts[i], negatives[i])
+                          for i in range(request.num_videos)]
+            if request.output_type == 'latents':
+                return GenerationResult(parameters=parameters, latents=latents.float().cpu())
 
-        # 4. denoise; stochastic samplers (eta > 0, ancestral, SDE) draw their noise from the seed too
-        scheduler = make_scheduler(request.sampler, self.config.diffusion, request.num_inference_steps)
-        model_fn = self.guided_unet(context, uncond, request.guidance_scale)
-        sums = []   # (timestep, float32 sum of the latents) after each step
-        latents = denoise(model_fn, noise, None, scheduler, request.num_inference_steps,
-                          eta=request.eta, generator=step_noise_generator(request),
-                          callback=_watched_steps(request.callback, sums), progress=_progress(request))
-        check_finite_steps(sums, request)
-        parameters = [self.parameters(request, seeds[i], prompts[i], negatives[i])
-                      for i in range(request.num_videos)]
-        if request.output_type == 'latents':
-            return GenerationResult(parameters=parameters, latents=latents.float().cpu())
-
-        # 5. decode to uint8 frames (n, f, h, w, 3)
-        video = self.decode(latents, request.decode_chunk_frames)
-        if not torch.isfinite(video).all():
-            raise NonFiniteError(f'the autoencoder decoded NaN or inf from finite latents ({self.dtype} '
-                                 'overflow?); no file was written')
-        frames = list(to_uint8_frames(video))
+            # 5. decode to uint8 frames (n, f, h, w, 3)
+            video = self.decode(latents, request.decode_chunk_frames)
+            if not torch.isfinite(video).all():
+                raise NonFiniteError(f'the autoencoder decoded NaN or inf from finite latents ({self.dtype} '
+                                     'overflow?); no file was written')
+            frames = list(to_uint8_frames(video))
         if request.output_type == 'frames':
             return GenerationResult(parameters=parameters, frames=frames)
 
