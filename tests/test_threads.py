@@ -5,9 +5,8 @@ import threading
 import pytest
 import torch
 
-import modelscope_t2v  # noqa: F401  (registers the plugin)
 from modelscope.pipelines import pipeline
-from modelscope_t2v import TextToVideo, parse_request
+from modelscope_t2v import TextToVideo, parse_request   # importing the package registers the plugin
 
 # different prompts, seeds and batch shapes: a text, a batch size or a frame count left behind by another
 # thread's request (the UNet keeps the running generation's text: UNet3D.remember_text) changes the latents
