@@ -169,7 +169,7 @@ class TextToVideo:
         The networks carry per-generation state: the UNet keeps the running generation's text keys and values
         (UNet3D.remember_text: projected once, in static buffers that the CUDA graphs of compile_networks
         read), and with low_memory the text encoder and autoencoder move between devices. Serialising
-        keeps that fast path unchanged; a GPU runs one generation at a time at full speed anyway.
+        keeps that fast path unchanged; generations in parallel take one engine each.
         """
         if self._generating_thread == threading.get_ident():
             raise RuntimeError('a callback cannot start a generation on the same engine: it would wait for the '
