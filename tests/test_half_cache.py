@@ -14,6 +14,7 @@ from modelscope_t2v import config as config_lib
 from modelscope_t2v import half_cache, weights
 from modelscope_t2v.half_cache import load_networks_cached
 
+pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
 TENSOR_FILES = ['autoencoder.safetensors', 'text_encoder.safetensors', 'unet.safetensors']
 FILES = sorted(TENSOR_FILES + ['manifest.json'])
 BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16}  # view as integers: compare bits, not values

@@ -8,6 +8,7 @@ import torch
 
 from modelscope_t2v import NonFiniteError, parse_request
 
+pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
 SMALL = {'height': 16, 'width': 16, 'num_frames': 2, 'num_inference_steps': 3}
 
 

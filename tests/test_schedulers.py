@@ -7,6 +7,7 @@ from modelscope_t2v import parse_request
 from modelscope_t2v.config import FULL
 from modelscope_t2v.schedulers import MULTISTEP_CLASSES, SAMPLERS, make_scheduler, schedule_spacing
 
+pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
 T = FULL.diffusion.num_timesteps   # 1000
 TINY_SIZE = {'height': 8, 'width': 8, 'num_frames': 2}
 # counts around every change of leading spacing's stride T // p, and the top of the range

@@ -16,6 +16,7 @@ CALLS = [
     {'text': ['a panda', 'a kite'], 'seed': 3, 'num_frames': 2, 'guidance_scale': 1.0},
     {'text': 'a green forest at night', 'seed': 4, 'num_frames': 4, 'sampler': 'dpm++2m'},
 ]
+pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
 SMALL = {'height': 16, 'width': 16, 'num_inference_steps': 6, 'output_type': 'latents'}
 ONE = {**SMALL, 'num_frames': 2}
 
