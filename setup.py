@@ -19,6 +19,7 @@ setup(
         'diffusers>=0.25',         # scheduler classes only
         'imageio-ffmpeg>=0.4.9',   # a bundled ffmpeg: no system install
         'safetensors',
+        'xxhash>=3',               # the half-precision cache's integrity hashes (half_cache.py)
         'scipy',                   # the LMS sampler
         'tqdm',
         'huggingface_hub',

@@ -14,7 +14,7 @@ import secrets
 
 import gradio as gr
 
-import modelscope_t2v  # noqa: F401  (registers the pipeline in ModelScope)
+from modelscope_t2v import NonFiniteError  # importing the package registers the pipeline in ModelScope
 from modelscope_t2v.hub import DEFAULT_MODEL, HUBS, resolve_model_dir
 from modelscope_t2v.schedulers import SAMPLERS
 
@@ -52,7 +52,7 @@ def build_demo(pipe, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
             out = pipe({'text': prompt}, negative_prompt=negative_prompt, seed=seed,
                        num_inference_steps=steps, guidance_scale=guidance_scale, num_frames=frames,
                        sampler=sampler, callback=report)
-        except (ValueError, TypeError) as error:  # the pipeline's checks name the option and its range
+        except (ValueError, TypeError, NonFiniteError) as error:  # checks name the option and its range
             raise gr.Error(str(error)) from None
         parameters = {k: v for k, v in out['parameters'].items() if k != 'output_video'}
         return out['output_video'], parameters

@@ -7,11 +7,11 @@ ModelScope's registries (when ModelScope is installed), so
 
 import logging
 
-from .request import GenerationCancelled, GenerationRequest, parse_request
+from .request import GenerationCancelled, GenerationRequest, NonFiniteError, parse_request
 from .text_to_video import GenerationResult, TextToVideo
 
 __version__ = '0.1.0'
-__all__ = ['GenerationCancelled', 'GenerationRequest', 'GenerationResult', 'TextToVideo',
+__all__ = ['GenerationCancelled', 'GenerationRequest', 'GenerationResult', 'NonFiniteError', 'TextToVideo',
            'parse_request', '__version__']
 
 try:

@@ -40,6 +40,10 @@ class GenerationCancelled(Exception):
     """Raised when a step callback stops the generation (it returned False or raised this)."""
 
 
+class NonFiniteError(RuntimeError):
+    """Raised when a generation's latents or decoded frames hold NaN or inf; no file is written."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     prompts: Tuple[str, ...]                  # one per prompt
@@ -239,6 +243,10 @@ def _latents(latents, n_videos: int, config: ModelConfig, r: dict):
     if tuple(latents.shape) != expected:
         raise ValueError(f'latents have shape {tuple(latents.shape)}; this request needs {expected} '
                          '(videos, channels, num_frames, height/8, width/8)')
+    bad = latents.numel() - int(torch.isfinite(latents).sum())
+    if bad:
+        raise ValueError(f'latents hold {bad} NaN or inf values of {latents.numel()}; starting noise must be '
+                         'finite (a unit Gaussian, as torch.randn draws)')
     return latents
 
 

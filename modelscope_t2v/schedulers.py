@@ -5,6 +5,9 @@ The model was trained with 1000 steps of the 'scaled linear' schedule
 'ddim' reproduces the original sampler exactly: timesteps 981, 961, ..., 1
 ('leading' spacing with offset 1) and alpha_cumprod[0] after the last step
 (set_alpha_to_one=False), where the original clamps t - stride at 0.
+Every sampler takes that 'leading' spacing where it fits the trained
+timesteps, and 'trailing' spacing where it does not (at 999 and 1000 steps:
+see schedule_spacing), so every count 1..1000 works with every sampler.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ SAMPLERS = {
     'heun': ('HeunDiscreteScheduler', {}),
     'lms': ('LMSDiscreteScheduler', {}),
 }
+# these space steps + 1 points and drop the last one (diffusers' set_timesteps)
+MULTISTEP_CLASSES = ('DPMSolverMultistepScheduler', 'UniPCMultistepScheduler')
 DEFAULT_SAMPLER = 'ddim'
 STOCHASTIC_SAMPLERS = ('euler-a', 'dpm++sde')   # add fresh noise at every step (ddim too when eta > 0)
 
@@ -41,6 +46,25 @@ def training_schedule(diffusion: DiffusionConfig) -> dict:
         'timestep_spacing': 'leading',
         'steps_offset': 1,
     }
+
+
+def schedule_spacing(class_name: str, num_steps: int, num_timesteps: int) -> dict:
+    """{} where the original's 'leading' timesteps (offset 1) fit the trained range 0..T-1, else the
+    configuration of 'trailing' timesteps, T/n apart down from T-1 (Lin et al. 2023, Table 2), which fit
+    every count up to T.
+
+    Leading spacing puts p points T // p apart from timestep 1 up (p = n, or n + 1 for the multistep
+    solvers), so its top is (T // p) (p - 1) + 1. With T = 1000 that is 1000 at n = 1000 (n = 999 for the
+    multistep solvers): DDIM indexes alpha_cumprod[1000] (IndexError); the sigma samplers clamp it to
+    sigma(999), so two steps share a sigma and LMS's integration divides by zero (NaN); DPM-Solver and UniPC
+    take a step of h = 0 (NaN). At n = 1000 their stride T // 1001 is 0: every timestep is 1 (IndexError,
+    AssertionError). Below those counts the schedules stay as they were: seeds made before make the same videos.
+    """
+    points = num_steps + 1 if class_name in MULTISTEP_CLASSES else num_steps
+    stride = num_timesteps // points
+    if stride >= 1 and stride * (points - 1) + 1 <= num_timesteps - 1:
+        return {}
+    return {'timestep_spacing': 'trailing', 'steps_offset': 0}
 
 
 def check_sampler(sampler) -> None:
@@ -60,11 +84,13 @@ def draws_step_noise(sampler, eta: float) -> bool:
     return eta > 0 if sampler == 'ddim' else sampler in STOCHASTIC_SAMPLERS
 
 
-def make_scheduler(sampler, diffusion: DiffusionConfig):
-    """A fresh diffusers scheduler for a short name; an instance is returned as is."""
+def make_scheduler(sampler, diffusion: DiffusionConfig, num_steps: int | None = None):
+    """A fresh diffusers scheduler for a short name, spaced for `num_steps` (None: the original's leading
+    spacing); an instance is returned as is."""
     check_sampler(sampler)
     if not isinstance(sampler, str):
         return sampler
     class_name, extra = SAMPLERS[sampler]
     cls = getattr(importlib.import_module('diffusers'), class_name)
-    return cls.from_config({**training_schedule(diffusion), **extra})
+    spacing = {} if num_steps is None else schedule_spacing(class_name, num_steps, diffusion.num_timesteps)
+    return cls.from_config({**training_schedule(diffusion), **extra, **spacing})

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -24,7 +25,7 @@ from .half_cache import HALF_DTYPES, load_networks_cached
 from .models.autoencoder import AutoencoderKL
 from .models.text_encoder import OpenCLIPTextEncoder
 from .models.unet3d import UNet3D
-from .request import GenerationCancelled, GenerationRequest
+from .request import GenerationCancelled, GenerationRequest, NonFiniteError
 from .sampling import denoise, guided
 from .schedulers import draws_step_noise, make_scheduler
 
@@ -68,6 +69,8 @@ class TextToVideo:
         self.text_encoder = text_encoder.eval().requires_grad_(False).to(resting, self.dtype)
         self.unet = unet.eval().requires_grad_(False).to(self.device, self.dtype)
         self.autoencoder = autoencoder.eval().requires_grad_(False).to(resting, self.dtype)
+        self._lock = threading.Lock()        # held by the running generation (generating())
+        self._generating_thread = None       # the thread that holds it
 
     @classmethod
     def from_pretrained(cls, model_dir: str, device=None, dtype=None, compile: bool | str = False,
@@ -163,6 +166,25 @@ class TextToVideo:
         with self.on_device(self.autoencoder) as autoencoder:
             return autoencoder.decode_video(latents, chunk_frames)
 
+    @contextlib.contextmanager
+    def generating(self):
+        """Hold the engine for one generation, from its text to its frames; a call from another thread waits.
+
+        The networks carry per-generation state: the UNet keeps the running generation's text keys and values
+        (UNet3D.remember_text: projected once, in static buffers that the CUDA graphs of compile_networks
+        read), and with low_memory the text encoder and autoencoder move between devices. Serialising
+        keeps that fast path unchanged; generations in parallel take one engine each.
+        """
+        if self._generating_thread == threading.get_ident():
+            raise RuntimeError('a callback cannot start a generation on the same engine: it would wait for the '
+                               'generation that called it; use another TextToVideo for nested generations')
+        with self._lock:
+            self._generating_thread = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._generating_thread = None
+
     def guided_unet(self, context: torch.Tensor, uncond: Optional[torch.Tensor], scale: float):
         """eps(x, t, None) of the UNet guided by these texts (uncond None: guidance off). Their keys and
         values are projected once here, not at every step (UNet3D.remember_text)."""
@@ -197,33 +219,40 @@ class TextToVideo:
 
     @torch.no_grad()
     def __call__(self, request: GenerationRequest) -> GenerationResult:
-        """Generate the videos of a checked request."""
+        """Generate the videos of a checked request; safe from several threads (steps 2-5 hold
+        generating(), so calls run one at a time; writing the files does not hold it)."""
         # 1. inputs were checked by parse_request; one row per video from here on
         per_video = request.num_videos_per_prompt
         prompts = [p for p in request.prompts for _ in range(per_video)]
         negatives = [p for p in request.negative_prompts for _ in range(per_video)]
+        with self.generating():
+            # 2. encode text (the unconditional branch only when guidance is on)
+            guidance_on = request.guidance_scale > 1.0
+            context, uncond = self.encode_prompts(prompts, negatives if guidance_on else None)
 
-        # 2. encode text (the unconditional branch only when guidance is on)
-        guidance_on = request.guidance_scale > 1.0
-        context, uncond = self.encode_prompts(prompts, negatives if guidance_on else None)
+            # 3. prepare noise, on the CPU from the seeds (or torch's global generator), then moved
+            noise, seeds = self.initial_noise(request)
+            noise = noise.to(self.device, self.dtype)
 
-        # 3. prepare noise, on the CPU from the seeds (or torch's global generator), then moved
-        noise, seeds = self.initial_noise(request)
-        noise = noise.to(self.device, self.dtype)
+            # 4. denoise; stochastic samplers (eta > 0, ancestral, SDE) draw their noise from the seed too
+            scheduler = make_scheduler(request.sampler, self.config.diffusion, request.num_inference_steps)
+            model_fn = self.guided_unet(context, uncond, request.guidance_scale)
+            sums = []   # (timestep, float32 sum of the latents) after each step
+            latents = denoise(model_fn, noise, None, scheduler, request.num_inference_steps,
+                              eta=request.eta, generator=step_noise_generator(request),
+                              callback=_watched_steps(request.callback, sums), progress=_progress(request))
+            check_finite_steps(sums, request)
+            parameters = [self.parameters(request, seeds[i], prompts[i], negatives[i])
+                          for i in range(request.num_videos)]
+            if request.output_type == 'latents':
+                return GenerationResult(parameters=parameters, latents=latents.float().cpu())
 
-        # 4. denoise; stochastic samplers (eta > 0, ancestral, SDE) draw their noise from the seed too
-        scheduler = make_scheduler(request.sampler, self.config.diffusion)
-        model_fn = self.guided_unet(context, uncond, request.guidance_scale)
-        latents = denoise(model_fn, noise, None, scheduler, request.num_inference_steps,
-                          eta=request.eta, generator=step_noise_generator(request),
-                          callback=_checked_callback(request.callback), progress=_progress(request))
-        parameters = [self.parameters(request, seeds[i], prompts[i], negatives[i])
-                      for i in range(request.num_videos)]
-        if request.output_type == 'latents':
-            return GenerationResult(parameters=parameters, latents=latents.float().cpu())
-
-        # 5. decode to uint8 frames (n, f, h, w, 3)
-        frames = list(to_uint8_frames(self.decode(latents, request.decode_chunk_frames)))
+            # 5. decode to uint8 frames (n, f, h, w, 3)
+            video = self.decode(latents, request.decode_chunk_frames)
+            if not torch.isfinite(video).all():
+                raise NonFiniteError(f'the autoencoder decoded NaN or inf from finite latents ({self.dtype} '
+                                     'overflow?); no file was written')
+            frames = list(to_uint8_frames(video))
         if request.output_type == 'frames':
             return GenerationResult(parameters=parameters, frames=frames)
 
@@ -305,15 +334,30 @@ def output_paths(output_video, n: int) -> List[str]:
     return [f'{stem}-{i}{ext}' for i in range(n)]
 
 
-def _checked_callback(callback):
-    if callback is None:
-        return None
-
+def _watched_steps(callback, sums: list):
+    """denoise's callback: the request's callback (False cancels), then a float32 sum of the latents, appended
+    to `sums` with the timestep. The sum stays on the device, queued without waiting for the step; NaN or inf
+    anywhere in the latents, the caller's writes included, makes it non-finite."""
     def call(step, timestep, latents):
-        if callback(step, timestep, latents) is False:
+        if callback is not None and callback(step, timestep, latents) is False:
             raise GenerationCancelled(f'generation cancelled by the callback at step {step}')
+        sums.append((timestep, latents.sum(dtype=torch.float32)))
 
     return call
+
+
+def check_finite_steps(sums: list, request: GenerationRequest) -> None:
+    """Raise NonFiniteError naming the first step whose latents hold NaN or inf (they would decode to a black
+    video); one wait for the device, after the last step."""
+    finite = torch.isfinite(torch.stack([total for _, total in sums])).tolist()
+    if all(finite):
+        return
+    step = finite.index(False)
+    sampler = request.sampler if isinstance(request.sampler, str) else type(request.sampler).__name__
+    raise NonFiniteError(f'the latents became NaN or inf at step {step + 1} of {len(sums)} (timestep '
+                         f'{sums[step][0]}) with sampler={sampler!r}, guidance_scale={request.guidance_scale}; '
+                         'no file was written. A scheduler instance or a callback that writes non-finite values '
+                         'does this, as do weights that overflow float16')
 
 
 def _progress(request: GenerationRequest):

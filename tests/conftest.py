@@ -2,6 +2,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests import their helper `reference`
 
@@ -25,3 +26,13 @@ def tiny_engine(tiny_model_dir):
     """TextToVideo on the CPU in float32 over the tiny model dir."""
     from modelscope_t2v import TextToVideo
     return TextToVideo.from_pretrained(tiny_model_dir, device='cpu')
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """One torch thread for a test module (pytestmark = pytest.mark.usefixtures('one_thread')): on busy shared
+    cores OpenMP's spin-waits made whole files many times slower (test_controls.py: 13x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,13 +24,7 @@ SCHEDULE = {'num_train_timesteps': 1000, 'beta_start': 0.00085, 'beta_end': 0.01
             'beta_schedule': 'scaled_linear', 'timestep_spacing': 'leading', 'steps_offset': 1}
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One torch thread: on busy shared cores OpenMP's spin-waits made this file 13x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
 
 
 @pytest.fixture(scope='module')

@@ -1,18 +1,23 @@
-"""half_cache.py: written once, then read bit for bit; invalidation, atomicity, failures that only log."""
+"""half_cache.py: written once, then read bit for bit; invalidation, integrity, atomicity, failures that only log."""
 
 import logging
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from modelscope_t2v import TextToVideo, parse_request
 from modelscope_t2v import config as config_lib
 from modelscope_t2v import half_cache, model_folder
 from modelscope_t2v.half_cache import load_networks_cached
 from modelscope_t2v.model_folder import open_folder
 
-FILES = ['autoencoder.safetensors', 'text_encoder.safetensors', 'unet.safetensors']
+pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
+TENSOR_FILES = ['autoencoder.safetensors', 'text_encoder.safetensors', 'unet.safetensors']
+FILES = sorted(TENSOR_FILES + ['manifest.json'])
 BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16}  # view as integers: compare bits, not values
 
 
@@ -97,7 +102,7 @@ def test_files_hold_only_the_networks_keys(tiny_model_dir, config, originals, tm
         with safe_open(str(tmp_path / folder / file), framework='pt') as f:
             keys = sorted(f.keys())
         assert keys == sorted(original.state_dict()), file  # no last text block, no first_stage_model. prefix
-    size = sum(os.path.getsize(tmp_path / folder / f) for f in FILES)
+    size = sum(os.path.getsize(tmp_path / folder / f) for f in TENSOR_FILES)
     n_values = sum(t.numel() for net in originals for t in net.state_dict().values())
     assert 2 * n_values < size < 2 * n_values + 200_000  # 2 bytes a value plus the JSON headers
 
@@ -207,3 +212,94 @@ def test_cache_is_as_readable_as_the_model_dir(model_dir, config, tmp_path, dir_
     [folder] = _folders(tmp_path / 'cache')
     assert os.stat(tmp_path / 'cache' / folder).st_mode & 0o777 == dir_mode
     assert {os.stat(tmp_path / 'cache' / folder / f).st_mode & 0o777 for f in FILES} == {dir_mode & 0o666}
+
+
+# --- integrity: damaged cache files and sources rewritten under the same size and mtime ----------------------
+
+def _video(engine) -> np.ndarray:
+    request = parse_request({'text': 'a panda', 'seed': 3}, engine.config, output_type='frames', height=16, width=16,
+                            num_frames=2, num_inference_steps=2)
+    return engine(request).frames[0]
+
+
+def test_flipped_bytes_in_a_cache_file_warn_and_the_video_equals_the_originals(tiny_model_dir, config, tmp_path,
+                                                                                count_builds, caplog):
+    half = {'device': 'cpu', 'dtype': torch.float16}
+    expected = _video(TextToVideo.from_pretrained(tiny_model_dir, **half))   # the original files, no cache
+    assert np.array_equal(_video(TextToVideo.from_pretrained(tiny_model_dir, half_cache=str(tmp_path), **half)),
+                          expected)
+    [folder] = _folders(tmp_path)
+    unet_file = tmp_path / folder / 'unet.safetensors'
+    before = {k: v.clone() for k, v in load_file(str(unet_file)).items()}   # the file is memory-mapped
+    with open(unet_file, 'r+b') as f:   # 4096 bytes inside the tensor data, past the JSON header
+        f.seek(unet_file.stat().st_size // 2)
+        data = f.read(4096)
+        f.seek(-4096, os.SEEK_CUR)
+        f.write(bytes(b ^ 0x5A for b in data))
+    after = load_file(str(unet_file))   # safetensors itself notices nothing: 2048 float16 values changed
+    assert sum(int((before[k].view(torch.int16) != after[k].view(torch.int16)).sum()) for k in before) == 2048
+
+    with caplog.at_level(logging.WARNING, logger=half_cache.__name__):
+        engine = TextToVideo.from_pretrained(tiny_model_dir, half_cache=str(tmp_path), **half)
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert 'unet.safetensors differs from the file written (damaged)' in warning
+    assert len(count_builds) == 3   # the reference, the first cache, the rebuild
+    assert np.array_equal(_video(engine), expected)
+    rewritten = load_file(str(unet_file))
+    assert all(torch.equal(rewritten[k].view(torch.int16), v.view(torch.int16)) for k, v in before.items())
+
+
+def test_a_source_rewritten_with_the_same_size_and_mtime_rebuilds_the_cache(model_dir, config, tmp_path,
+                                                                           count_builds, caplog):
+    cache = tmp_path / 'cache'
+    load_networks_cached(open_folder(str(model_dir)), torch.float16, cache_dir=str(cache))
+    [folder] = _folders(cache)
+
+    unet_path = model_dir / config.ckpt_unet
+    stat = os.stat(unet_path)
+    state = torch.load(unet_path, weights_only=True)
+    name = next(iter(state))
+    state[name] = state[name] * 2
+    torch.save(state, unet_path)
+    os.utime(unet_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))   # same size and mtime as before
+    assert (os.stat(unet_path).st_size, os.stat(unet_path).st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+
+    with caplog.at_level(logging.WARNING, logger=half_cache.__name__):
+        networks = load_networks_cached(open_folder(str(model_dir)), torch.float16, cache_dir=str(cache))
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f'{config.ckpt_unet} changed since the cache was made of it' in warning
+    assert len(count_builds) == 2 and _folders(cache) == [folder]   # rebuilt in place
+    assert torch.equal(networks[1].state_dict()[name], state[name].to(torch.float16))
+
+
+def test_a_missing_manifest_rebuilds_the_cache(tiny_model_dir, config, tmp_path, count_builds, caplog):
+    load_networks_cached(open_folder(tiny_model_dir), torch.float16, cache_dir=str(tmp_path))
+    [folder] = _folders(tmp_path)
+    os.remove(tmp_path / folder / 'manifest.json')   # e.g. a copy that left it out
+    with caplog.at_level(logging.WARNING, logger=half_cache.__name__):
+        load_networks_cached(open_folder(tiny_model_dir), torch.float16, cache_dir=str(tmp_path))
+    assert len(count_builds) == 2 and sorted(os.listdir(tmp_path / folder)) == FILES
+    assert sum('manifest.json unreadable' in r.getMessage() for r in caplog.records) == 1
+
+
+def test_source_sample_reads_16_blocks_first_and_last_included(tmp_path):
+    """Of a 64 MiB file, 16 blocks of 1 MiB, 3.2 MiB apart: a change inside one shows, one between two does not."""
+    path = tmp_path / 'big.pth'
+    with open(path, 'wb') as f:
+        f.truncate(64 << 20)
+    original = half_cache._source_sample(str(path))
+
+    def changed_at(offset) -> bool:
+        with open(path, 'r+b') as f:
+            f.seek(offset)
+            f.write(b'\x01')
+        sample = half_cache._source_sample(str(path))
+        with open(path, 'r+b') as f:
+            f.seek(offset)
+            f.write(b'\x00')
+        assert half_cache._source_sample(str(path)) == original
+        return sample != original
+    stride = ((64 << 20) - (1 << 20)) // 15
+    assert [changed_at(o) for o in (0, (64 << 20) - 1, 7 * stride + 5, 7 * stride + (1 << 20) + 5)] == [
+        True, True, True, False]
+    assert half_cache._source_sample(str(tmp_path / 'missing.pth')) is None

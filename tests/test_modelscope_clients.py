@@ -31,13 +31,7 @@ SMALL = dict(num_frames=2, height=64, width=64, num_inference_steps=3)
 HUB_ID = 'damo/text-to-video-synthesis'   # the id ModelScope's test loads; here a local folder of that name
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One torch thread: on busy shared cores OpenMP's spin-waits slow the CPU tests many times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
 
 
 @pytest.fixture(scope='module')
