@@ -26,14 +26,7 @@ PROMPT = 'A panda eating bamboo on a rock.'
 # diffusers' UNet3DConditionModel gives its first temporal transformer 8 heads, whatever its config says
 CONFIG = replace(TINY, unet=replace(TINY.unet, num_heads=8))
 GENERATION_TOLERANCE = 1e-4   # a whole guided DDIM run in float32, two implementations
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
 
 
 def diffusers_pipeline(config=CONFIG, seed=0):
