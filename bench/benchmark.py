@@ -93,7 +93,7 @@ def bench_ours(engine: TextToVideo, args, label: str) -> dict:
     engine(default_request(engine, args, num_inference_steps=2))  # warm-up
     stages = {}
     (context, uncond), stages['text'] = timed(lambda: engine.encode_prompts([PROMPT], ['']))
-    noise = engine.initial_noise(request).to(engine.device, engine.dtype)
+    noise = engine.initial_noise(request)[0].to(engine.device, engine.dtype)
     model_fn = engine.guided_unet(context, uncond, 9.0)
     run_denoise = lambda: denoise(model_fn, noise, None, make_scheduler('ddim', engine.config.diffusion), 50)  # noqa: E731
     latents, _ = timed(run_denoise)
