@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 
-from . import video_io
+from . import init_media, video_io
 from .config import ModelConfig
 from .schedulers import DEFAULT_SAMPLER, check_sampler
 
@@ -65,6 +65,11 @@ class GenerationRequest:
     show_progress: Optional[bool] = None      # None: a progress bar when stderr is a terminal
     callback: Optional[Callable] = None       # callback(step, timestep, latents) -> False to stop
     decode_chunk_frames: Optional[int] = None # frames decoded at once; None = all
+    init_video: Any = None                    # video-to-video: uint8 frames (f, h, w, 3) or latents (n, c, f, h, w)
+    strength: float = 0.6                     # with init_video: the share of the steps run, from its noised latents
+    init_image: Any = None                    # image-to-video: uint8 (h, w, 3), held as frame 0 at every step
+    temporal_window: Optional[int] = None     # long videos: frames each temporal attention sees; None: all
+    temporal_stride: Optional[int] = None     # frames between the windows' starts
 
     @property
     def num_videos(self) -> int:
@@ -105,9 +110,12 @@ def parse_request(inputs, config: ModelConfig, builtin_rules: bool = False, **kw
         raise ValueError("input has no 'text': pass {'text': 'a prompt'}")
     prompts = _prompts(values.pop('text'), 'text')
     negatives = _negatives(values.pop('negative_prompt', ''), len(prompts))
+    video = init_media.init_video(values.get('init_video'))
+    video_frames = None if video is None else (video.shape[2] if isinstance(video, torch.Tensor) else len(video))
     r = {
         'num_videos_per_prompt': _int(values, 'num_videos_per_prompt', 1, 1, 256),
-        'num_frames': _int(values, 'num_frames', config.max_frames, 1, MAX_FRAMES),
+        # a starting video gives its frame count (num_frames trims or loops it)
+        'num_frames': _int(values, 'num_frames', min(video_frames or config.max_frames, MAX_FRAMES), 1, MAX_FRAMES),
         'height': _side(values, 'height', config.height, config.autoencoder.downsample, builtin_rules),
         'width': _side(values, 'width', config.width, config.autoencoder.downsample, builtin_rules),
         'fps': _number(values, 'fps', 8.0, 0.0, 240.0, low_open=True),
@@ -127,7 +135,41 @@ def parse_request(inputs, config: ModelConfig, builtin_rules: bool = False, **kw
     n_videos = len(prompts) * r['num_videos_per_prompt']
     r['latents'] = _latents(values.get('latents'), n_videos, config, r)
     r['output_video'] = _output_video(values.get('output_video'), r['output_type'])
+    r.update(_init_media(values, video, n_videos, config, r))
+    r.update(_temporal_window(values, config, r['num_frames']))
     return GenerationRequest(prompts=prompts, negative_prompts=negatives, **r)
+
+
+def _init_media(values: dict, video, n_videos: int, config: ModelConfig, r: dict) -> dict:
+    """init_video (with its strength) and init_image, checked against the request."""
+    out = {'init_video': video, 'init_image': init_media.init_image(values.get('init_image'))}
+    if video is not None and out['init_image'] is not None:
+        raise ValueError('init_video and init_image are both given; video-to-video starts from one, '
+                         'image-to-video from the other')
+    if values.get('strength') is not None and video is None:
+        raise ValueError('strength is given without init_video; it is the share of the steps video-to-video runs')
+    out['strength'] = _number(values, 'strength', 0.6, 0.0, 1.0, low_open=True)
+    if video is not None and int(r['num_inference_steps'] * out['strength']) < 1:
+        raise ValueError(f"strength={out['strength']} of num_inference_steps={r['num_inference_steps']} runs no "
+                         f"step; use strength of at least {1 / r['num_inference_steps']:g}")
+    if isinstance(video, torch.Tensor):
+        cell = config.autoencoder.downsample
+        expected = (config.unet.in_dim, r['num_frames'], r['height'] // cell, r['width'] // cell)
+        if tuple(video.shape[1:]) != expected or video.shape[0] not in (1, n_videos):
+            raise ValueError(f'init_video latents have shape {tuple(video.shape)}; this request needs '
+                             f'(1 or {n_videos}, {", ".join(map(str, expected))})')
+    return out
+
+
+def _temporal_window(values: dict, config: ModelConfig, frames: int) -> dict:
+    """The temporal attention's window and stride, None where one window holds every frame."""
+    given = values.get('temporal_window')
+    window = _int(values, 'temporal_window', config.max_frames, 1, MAX_FRAMES)
+    if given is not None and window > frames:
+        raise ValueError(f'temporal_window={window} is larger than num_frames={frames}, the frames it must tile; '
+                         f'use at most {frames}, or leave it out')
+    stride = _int(values, 'temporal_stride', max(1, window // 4), 1, window)   # FreeNoise: 4 for 16
+    return {'temporal_window': window, 'temporal_stride': stride} if window < frames else {}
 
 
 def _prompts(value, key: str) -> tuple:

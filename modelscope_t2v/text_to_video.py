@@ -17,6 +17,7 @@ from typing import List, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 
 from . import config as config_lib
@@ -26,7 +27,7 @@ from .models.autoencoder import AutoencoderKL
 from .models.text_encoder import OpenCLIPTextEncoder
 from .models.unet3d import UNet3D
 from .request import GenerationCancelled, GenerationRequest, NonFiniteError
-from .sampling import denoise, guided
+from .sampling import denoise, guided, reschedule_noise
 from .schedulers import draws_step_noise, make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -205,17 +206,48 @@ class TextToVideo:
         if request.latents is not None:
             return request.latents.to(torch.float32), request.seeds()
         cell = self.config.autoencoder.downsample
-        shape = (1, self.config.unet.in_dim, request.num_frames, request.height // cell, request.width // cell)
-        if request.generator is not None:
-            noise = torch.randn((request.num_videos,) + shape[1:], generator=request.generator,
-                                device=request.generator.device).cpu()
-            return noise, request.seeds()
+        n, c, f = request.num_videos, self.config.unet.in_dim, request.num_frames
+        h, w = request.height // cell, request.width // cell
+        g = request.generator
+        if g is not None:
+            if request.init_video is not None:   # frame-major, as diffusers' VideoToVideoSDPipeline draws it
+                noise = rearrange(torch.randn((n * f, c, h, w), generator=g, device=g.device),
+                                  '(n f) c h w -> n c f h w', n=n)
+            else:
+                noise = torch.randn((n, c, f, h, w), generator=g, device=g.device)
+            return rescheduled(noise.cpu(), request, g), request.seeds()
         if request.seed is None:
             first = None if draws_step_noise(request.sampler, request.eta) else global_seed_if_fresh()
-            seeds = [first] + [None] * (request.num_videos - 1)
-            return torch.cat([torch.randn(shape) for _ in seeds]), seeds
-        return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-                          for seed in request.seeds()]), request.seeds()
+            seeds = [first] + [None] * (n - 1)
+            return rescheduled(torch.cat([torch.randn(1, c, f, h, w) for _ in seeds]), request, None), seeds
+        videos = []
+        for seed in request.seeds():
+            g = torch.Generator().manual_seed(seed)
+            videos.append(rescheduled(torch.randn(1, c, f, h, w, generator=g), request, g))
+        return torch.cat(videos), request.seeds()
+
+    @torch.no_grad()
+    def encode_start(self, request: GenerationRequest) -> Optional[torch.Tensor]:
+        """Scaled latents of the starting frames: init_video's (n, c, f, h/8, w/8) or init_image's
+        (n, c, 1, h/8, w/8), on the device; None without either. Frames are resized to the request's size
+        (torch's antialiased bicubic) and trimmed or looped to num_frames."""
+        start = request.init_video if request.init_video is not None else request.init_image
+        if start is None:
+            return None
+        n = request.num_videos
+        if isinstance(start, torch.Tensor):   # latents already
+            return start.to(self.device, self.dtype).expand(n, -1, -1, -1, -1)
+        frames = start[None] if request.init_video is None else np.resize(
+            start, (request.num_frames,) + start.shape[1:])   # np.resize repeats the frames in order
+        pixels = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
+        pixels = rearrange(pixels, 'f h w c -> f c h w').to(torch.float32) / 255 * 2 - 1
+        if pixels.shape[-2:] != (request.height, request.width):
+            pixels = F.interpolate(pixels, size=(request.height, request.width), mode='bicubic',
+                                   antialias=True).clamp(-1, 1)
+        pixels = rearrange(pixels, 'f c h w -> 1 c f h w').to(self.dtype)
+        with self.on_device(self.autoencoder) as autoencoder:
+            latents = autoencoder.encode_video(pixels, request.generator, request.decode_chunk_frames)
+        return latents.expand(n, -1, -1, -1, -1)
 
     @torch.no_grad()
     def __call__(self, request: GenerationRequest) -> GenerationResult:
@@ -230,17 +262,23 @@ class TextToVideo:
             guidance_on = request.guidance_scale > 1.0
             context, uncond = self.encode_prompts(prompts, negatives if guidance_on else None)
 
-            # 3. prepare noise, on the CPU from the seeds (or torch's global generator), then moved
+            # 3. prepare the start: the encoded starting frames (first: a generator's draws come in diffusers'
+            #    order), and noise on the CPU from the seeds (or torch's global generator), then moved
+            start = self.encode_start(request)
             noise, seeds = self.initial_noise(request)
             noise = noise.to(self.device, self.dtype)
 
             # 4. denoise; stochastic samplers (eta > 0, ancestral, SDE) draw their noise from the seed too
             scheduler = make_scheduler(request.sampler, self.config.diffusion, request.num_inference_steps)
             model_fn = self.guided_unet(context, uncond, request.guidance_scale)
+            self.unet.set_temporal_window(request.temporal_window, request.temporal_stride or 1)
             sums = []   # (timestep, float32 sum of the latents) after each step
+            from_video = request.init_video is not None
             latents = denoise(model_fn, noise, None, scheduler, request.num_inference_steps,
                               eta=request.eta, generator=step_noise_generator(request),
-                              callback=_watched_steps(request.callback, sums), progress=_progress(request))
+                              callback=_watched_steps(request.callback, sums), progress=_progress(request),
+                              init=start if from_video else None, strength=request.strength,
+                              held=None if from_video else start)
             check_finite_steps(sums, request)
             parameters = [self.parameters(request, seeds[i], prompts[i], negatives[i])
                           for i in range(request.num_videos)]
@@ -272,6 +310,10 @@ class TextToVideo:
             'guidance_scale': request.guidance_scale, 'eta': request.eta,
             'height': request.height, 'width': request.width, 'num_frames': request.num_frames,
             'fps': request.fps, 'model_dir': self.model_dir,
+            **({'start': 'video', 'strength': request.strength} if request.init_video is not None else {}),
+            **({'start': 'image'} if request.init_image is not None else {}),
+            **({'temporal_window': request.temporal_window, 'temporal_stride': request.temporal_stride}
+               if request.temporal_window is not None else {}),
         }
 
 
@@ -281,6 +323,14 @@ def global_seed_if_fresh() -> Optional[int]:
     seed = torch.initial_seed()
     fresh = torch.equal(torch.get_rng_state(), torch.Generator().manual_seed(seed).get_state())
     return seed if fresh else None
+
+
+def rescheduled(noise: torch.Tensor, request: GenerationRequest, generator) -> torch.Tensor:
+    """`noise` (n c f h w), FreeNoise-rescheduled (sampling.reschedule_noise) where the request has
+    temporal windows; the shuffles come from `generator` (torch's global one when None)."""
+    if request.temporal_window is None:
+        return noise
+    return reschedule_noise(noise, request.temporal_window, request.temporal_stride, generator)
 
 
 def step_noise_generator(request: GenerationRequest) -> Optional[torch.Generator]:

@@ -7,49 +7,22 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
-from reference import randomize_, rel_err
+from diffusers_reference import CONFIG, clip_tokenizer, diffusers_pipeline
+from reference import rel_err
 
 from modelscope_t2v import TextToVideo, parse_request
 from modelscope_t2v import convert as convert_lib
-from modelscope_t2v import diffusers_format, model_folder
-from modelscope_t2v.config import TINY, replace
+from modelscope_t2v import model_folder
 from modelscope_t2v.model_folder import files_to_download, open_folder
-from modelscope_t2v.tokenizer import hf_tokenizer_files
 from modelscope_t2v.tools.make_random_model import write_model_dir
 from modelscope_t2v.video_io import probe_video
 
 PROMPT = 'A panda eating bamboo on a rock.'
-# diffusers' UNet3DConditionModel gives its first temporal transformer 8 heads, whatever its config says
-CONFIG = replace(TINY, unet=replace(TINY.unet, num_heads=8))
 GENERATION_TOLERANCE = 1e-4   # a whole guided DDIM run in float32, two implementations
 pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
-
-
-def diffusers_pipeline(config=CONFIG, seed=0):
-    """diffusers' TextToVideoSDPipeline of `config`'s shapes with random weights, built from its own classes."""
-    from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-    torch.manual_seed(seed)
-    unet = randomize_(UNet3DConditionModel(**diffusers_format.unet_config_to_diffusers(config.unet)), seed, 0.05)
-    vae = randomize_(AutoencoderKL(**diffusers_format.autoencoder_config_to_diffusers(config.autoencoder)), seed + 1)
-    text = randomize_(CLIPTextModel(CLIPTextConfig(**diffusers_format.text_config_to_diffusers(config.text))), seed + 2)
-    return TextToVideoSDPipeline(vae=vae.eval(), text_encoder=text.eval(), tokenizer=clip_tokenizer(),
-                                 unet=unet.eval(), scheduler=DDIMScheduler.from_config(
-                                     convert_lib.scheduler_config(config)))
-
-
-def clip_tokenizer():
-    """transformers' CLIPTokenizer over OpenAI's BPE vocabulary (open_clip ships the same)."""
-    from transformers import CLIPTokenizer
-    folder = tempfile.mkdtemp()
-    for name, text in hf_tokenizer_files().items():
-        with open(os.path.join(folder, name), 'w', encoding='utf-8') as f:
-            f.write(text)
-    return CLIPTokenizer.from_pretrained(folder)
 
 
 @pytest.fixture(scope='module')

@@ -194,6 +194,20 @@ class AutoencoderKL(nn.Module):
         """Pixels (n, 3, H, W) -> posterior mean (n, z, H/d, W/d), unscaled."""
         return self.encode_moments(x)[0]
 
+    def encode_video(self, pixels: torch.Tensor, generator: torch.Generator | None = None,
+                     chunk_frames: int | None = None) -> torch.Tensor:
+        """Pixels (b, 3, f, H, W) in [-1, 1] -> scaled latents (b, z, f, h, w): the posterior mean, or a sample
+        with noise from `generator`, drawn over all frames at once as diffusers draws it, `(b f) z h w`."""
+        b = pixels.shape[0]
+        x = rearrange(pixels, 'b c f h w -> (b f) c h w')
+        moments = [self.encode_moments(part) for part in x.split(chunk_frames or x.shape[0])]
+        mean, logvar = torch.cat([m for m, _ in moments]), torch.cat([v for _, v in moments])
+        z = mean
+        if generator is not None:
+            eps = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=mean.dtype)
+            z = mean + torch.exp(0.5 * logvar) * eps.to(mean.device)
+        return rearrange(z * self.config.scale_factor, '(b f) c h w -> b c f h w', b=b)
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latent (n, z, h, w) -> pixels (n, 3, h d, w d)."""
         frames = self.decoder(self.post_quant_conv(z))

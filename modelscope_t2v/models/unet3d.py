@@ -19,6 +19,7 @@ from torch import nn
 from ..config import UNetConfig
 from .frame_attention import frame_attention
 from .frame_conv import frame_conv
+from .frame_windows import windowed
 from .group_norm import GroupNorm
 from .layers import Attention, TransformerBlock, timestep_embedding
 
@@ -295,6 +296,15 @@ class UNet3D(nn.Module):
                     store_frame_major(stage[-1])
         self.channels_last = True
         return self
+
+    def set_temporal_window(self, window: int | None, stride: int = 1) -> None:
+        """Temporal attention over windows of `window` frames, `stride` apart (frame_windows.py), for
+        videos longer than the trained frame count; None: over all frames, as trained."""
+        attend = frame_attention if window is None else windowed(frame_attention, window, stride)
+        for module in self.modules():
+            if isinstance(module, TemporalTransformer):
+                for block in module.transformer_blocks:
+                    block.attn1.attend = block.attn2.attend = attend
 
     def remember_text(self, context: torch.Tensor) -> None:
         """Project `context` (k b, 77, context_dim) to every cross-attention's keys and values once, for the

@@ -1,0 +1,52 @@
+"""Temporal attention over sliding windows of frames, for videos longer than the model was trained on.
+
+FreeNoise (Qiu et al., ICLR 2024, Sec. 3.3): each temporal attention sees `window` frames at a time,
+windows `stride` frames apart (the last one ending at the last frame), and a frame's output is the
+weighted mean of its outputs in the windows that hold it. The weights favour a window's middle: a
+triangle 1, 2, .., window/2, .., 2, 1 (diffusers' FreeNoise 'pyramid'). Memory and time then grow
+linearly in frames; with one window over all frames the attention is exactly the plain one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List
+
+import torch
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def window_starts(frames: int, window: int, stride: int) -> List[int]:
+    """First frames of the windows: 0, stride, .. while a window fits, then one ending at the last frame."""
+    if window >= frames:
+        return [0]
+    starts = list(range(0, frames - window + 1, stride))
+    if starts[-1] + window < frames:
+        starts.append(frames - window)
+    return starts
+
+
+def window_weights(window: int) -> torch.Tensor:
+    """(window,) weights of a window's frames: 1, 2, .., rising to the middle and falling again."""
+    half = torch.arange(1, (window + 1) // 2 + 1, dtype=torch.float32)
+    return torch.cat([half, half.flip(0)[window % 2:]])
+
+
+def windowed(attend: Attend, window: int, stride: int) -> Attend:
+    """`attend` over frames (q, k, v: (n, l frames, heads, d)) run window by window and blended."""
+
+    def attend_in_windows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        frames = q.shape[1]
+        if window >= frames:
+            return attend(q, k, v)
+        weights = window_weights(window).to(q.device, q.dtype).view(1, window, 1, 1)
+        out = torch.zeros_like(q)
+        total = torch.zeros(1, frames, 1, 1, device=q.device, dtype=q.dtype)
+        for s in window_starts(frames, window, stride):
+            part = slice(s, s + window)
+            out[:, part] += attend(q[:, part], k[:, part], v[:, part]) * weights
+            total[:, part] += weights
+        return out / total
+
+    attend_in_windows.window = (window, stride)
+    return attend_in_windows
