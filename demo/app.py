@@ -43,15 +43,16 @@ def load_pipeline(model: str, hub: str = 'huggingface', device: str = 'gpu', bas
 def build_demo(pipe, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
     """The page: controls on the left, the video and its parameters on the right."""
 
-    def generate(prompt, negative_prompt, seed, steps, guidance_scale, frames, sampler,
-                 progress=gr.Progress()):  # noqa: B008  (Gradio's way of asking for a progress bar)
+    def generate(prompt, negative_prompt, seed, steps, guidance_scale, frames, sampler, init_video, strength,
+                 init_image, progress=gr.Progress()):  # noqa: B008  (Gradio's way of asking for a progress bar)
         def report(step, timestep, latents):
             progress((step + 1, steps), desc='denoising')
 
+        start = {'init_video': init_video, 'strength': strength} if init_video else {'init_image': init_image}
         try:
             out = pipe({'text': prompt}, negative_prompt=negative_prompt, seed=seed,
                        num_inference_steps=steps, guidance_scale=guidance_scale, num_frames=frames,
-                       sampler=sampler, callback=report)
+                       sampler=sampler, callback=report, **start)
         except (ValueError, TypeError, NonFiniteError) as error:  # checks name the option and its range
             raise gr.Error(str(error)) from None
         parameters = {k: v for k, v in out['parameters'].items() if k != 'output_video'}
@@ -76,6 +77,13 @@ def build_demo(pipe, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
                                    label='Frames', elem_id='frames')
                 sampler = gr.Dropdown(sorted(SAMPLERS), value=pipe.model.engine.config.sampler, label='Sampler',
                                       elem_id='sampler')
+                with gr.Accordion('Start from a video or an image (optional)', open=False):
+                    init_video = gr.Video(label='Video to re-render (video-to-video)', sources=['upload'],
+                                          elem_id='init-video')
+                    strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, elem_id='strength',
+                                         label='Strength: the share of the steps run on the video')
+                    init_image = gr.Image(label='First frame (image-to-video)', type='numpy', image_mode='RGB',
+                                          sources=['upload'], elem_id='init-image')
                 run = gr.Button('Generate', variant='primary', elem_id='generate')
             with gr.Column():
                 video = gr.Video(label='Video', autoplay=True, loop=True, interactive=False, elem_id='video')
@@ -83,7 +91,8 @@ def build_demo(pipe, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
         gr.Examples([[text] for text in EXAMPLES], inputs=[prompt], label='Example prompts')
 
         random_seed.click(new_seed, outputs=seed, queue=False)
-        run.click(generate, inputs=[prompt, negative_prompt, seed, steps, guidance_scale, frames, sampler],
+        run.click(generate, inputs=[prompt, negative_prompt, seed, steps, guidance_scale, frames, sampler,
+                                    init_video, strength, init_image],
                   outputs=[video, parameters], api_name='generate')
     # one generation at a time: the model holds the GPU
     return demo.queue(max_size=queue_size, default_concurrency_limit=1)

@@ -64,6 +64,17 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
                        help='frames the autoencoder decodes at once (default: 4 on GPU, all on CPU)')
     group.add_argument('--no-progress', dest='show_progress', action='store_false', default=None,
                        help='no progress bar')
+    start = parser.add_argument_group('starting frames and long videos')
+    start.add_argument('--init-video', default=None,
+                       help='video-to-video: a video file to re-render (resized to the output size; its frame count '
+                            'unless --num-frames trims or loops it)')
+    start.add_argument('--strength', type=float, default=None,
+                       help='with --init-video (or --upscale-with): share of the steps run, (0, 1] (default: 0.6)')
+    start.add_argument('--init-image', default=None, help='image-to-video: an image held as the first frame')
+    start.add_argument('--temporal-window', type=int, default=None,
+                       help='frames each temporal attention sees in a long video (default: the model\'s, 16)')
+    start.add_argument('--temporal-stride', type=int, default=None,
+                       help='frames between windows (default: a quarter of the window)')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help='.mp4 (H.264), .webm (VP9) or .gif; a batch writes NAME-0.mp4, NAME-1.mp4, ... '
                              '(default: a new file in the temp folder)')
     add_model_flags(parser)
+    parser.add_argument('--upscale-with', default=None,
+                        help='a second model (folder or hub id) that re-renders the video at its own size, after '
+                             'the first leaves the GPU (zeroscope: --model cerspense/zeroscope_v2_576w '
+                             '--upscale-with cerspense/zeroscope_v2_XL --strength 0.65)')
     add_generation_flags(parser)
     parser.add_argument('--verbose', action='store_true', help='log progress details')
     return parser
@@ -86,7 +101,8 @@ def generation_options(args: argparse.Namespace) -> dict:
     """The flags that map one to one onto the pipeline's options; unset ones are left out."""
     keys = ('negative_prompt', 'seed', 'num_videos_per_prompt', 'num_frames', 'height', 'width', 'fps',
             'num_inference_steps', 'guidance_scale', 'eta', 'sampler', 'decode_chunk_frames',
-            'show_progress', 'output_video')
+            'show_progress', 'output_video', 'init_video', 'strength', 'init_image', 'temporal_window',
+            'temporal_stride')
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -117,15 +133,34 @@ def run_generate(argv) -> int:
     from .config import FULL
     from .request import parse_request
     options = generation_options(args)
+    strength = options.pop('strength', None) if args.upscale_with else None   # the second pass's
     request = parse_request({'text': args.prompt}, FULL, **options)  # fail fast, before loading
     options['seed'] = request.seed   # the one given, or a new random one (reported)
-    out = load_pipeline(args)({'text': args.prompt}, **options)
-    paths = out['output_video'] if isinstance(out['output_video'], list) else [out['output_video']]
+    if args.upscale_with:
+        paths, parameters = run_upscale(args, options, strength)
+    else:
+        out = load_pipeline(args)({'text': args.prompt}, **options)
+        paths = out['output_video'] if isinstance(out['output_video'], list) else [out['output_video']]
+        parameters = out['parameters']
     for path in paths:
         print(path)
     if args.verbose:
-        print(json.dumps(out['parameters'], indent=2), file=sys.stderr)
+        print(json.dumps(parameters, indent=2), file=sys.stderr)
     return 0
+
+
+def run_upscale(args: argparse.Namespace, options: dict, strength) -> tuple:
+    """(paths, parameters) of --model's videos re-rendered by --upscale-with (upscale.py)."""
+    from .hub import resolve_model_dir
+    from .pipeline import torch_device
+    from .upscale import DEFAULT_STRENGTH, generate_and_upscale
+    model_dir, base_model = resolve_models(args)
+    device = torch_device(args.device)
+    upscale_dir = resolve_model_dir(args.upscale_with, args.hub, device.type == 'cuda')
+    load = {'device': device, 'compile': args.compile, 'low_memory': args.low_memory,
+            'half_cache': args.half_cache, 'base_model': base_model}
+    result = generate_and_upscale(args.prompt, model_dir, upscale_dir, strength or DEFAULT_STRENGTH, load, **options)
+    return result.paths, result.parameters
 
 
 def build_convert_parser() -> argparse.ArgumentParser:

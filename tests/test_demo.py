@@ -155,3 +155,26 @@ def _wait_until_serving(url: str, process: subprocess.Popen, log_path: Path) -> 
 
 def _tail(path: Path, lines: int = 30) -> str:
     return '\n'.join(path.read_text().splitlines()[-lines:])
+
+
+def test_a_starting_video_is_re_rendered(page, tmp_path):
+    """The optional upload: a 4-frame clip re-rendered at strength 0.5 (video-to-video)."""
+    import numpy as np
+
+    from modelscope_t2v.video_io import write_video
+    clip = write_video(np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8),
+                       tmp_path / 'start.mp4')
+    page.locator('#prompt textarea').fill('A panda eating bamboo on a rock.')
+    page.locator('#steps input[type=number]').fill('2')
+    page.locator('#steps input[type=number]').press('Tab')
+    page.locator('#frames input[type=number]').fill('4')
+    page.locator('#frames input[type=number]').press('Tab')
+    page.get_by_text('Start from a video or an image').click()
+    page.locator('#init-video input[type=file]').set_input_files(clip)
+    page.locator('#init-video video').wait_for(timeout=60_000)   # the upload is shown
+    page.locator('#strength input[type=number]').fill('0.5')
+    page.locator('#strength input[type=number]').press('Tab')
+    page.locator('#generate').click()
+    page.get_by_text('"strength"').wait_for(timeout=GENERATE_TIMEOUT_S * 1000)
+    shown = ''.join(page.locator('#parameters').inner_text().split())
+    assert '"start":"video"' in shown and '"strength":0.5' in shown and '"num_frames":4' in shown, shown

@@ -187,3 +187,69 @@ def test_long_videos_run_in_windows(tiny):
     out = run(tiny, num_frames=40, height=32, width=32, num_inference_steps=2, output_type='frames')
     assert out.frames[0].shape == (40, 32, 32, 3)
     assert (out.parameters[0]['temporal_window'], out.parameters[0]['temporal_stride']) == (16, 4)
+
+
+# -- the command line and the upscale recipe --------------------------------------------------
+
+def cli(*args):
+    import os
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, '-m', 'modelscope_t2v', PROMPT, '--device', 'cpu', '--seed', '2', *args],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
+@pytest.fixture(scope='module')
+def model_dirs(tmp_path_factory):
+    """Two tiny models: the first makes 32x32 videos, the second (diffusers' layout, whose UNet's sample_size
+    gives its default size) re-renders them at 64x64."""
+    import json
+
+    from modelscope_t2v.convert import convert
+    root = tmp_path_factory.mktemp('pair')
+    second = convert(write_model_dir(str(root / 'second-original'), CONFIG, seed=2), str(root / 'second'), 'diffusers')
+    with open(f'{second}/unet/config.json') as f:
+        unet = json.load(f)
+    with open(f'{second}/unet/config.json', 'w') as f:
+        json.dump({**unet, 'sample_size': 8}, f)   # 8 latent cells: 64 pixels
+    return write_model_dir(str(root / 'first'), CONFIG, seed=1), second
+
+
+def test_command_line_video_to_video(model_dirs, tmp_path):
+    from modelscope_t2v.video_io import probe_video
+    write_video(frames_of(8, f=3, h=32, w=32), tmp_path / 'in.mp4')
+    result = cli('--model', model_dirs[0], '--init-video', str(tmp_path / 'in.mp4'), '--strength', '0.5',
+                 '--height', '32', '--width', '32', '--steps', '4', '-o', str(tmp_path / 'out.mp4'))
+    assert result.returncode == 0, result.stderr
+    info = probe_video(tmp_path / 'out.mp4')
+    assert (info['frames'], info['width']) == (3, 32)
+    assert '"start": "video", "strength": 0.5' in info['comment']
+
+
+def test_upscale_with_a_second_model(model_dirs, tmp_path, monkeypatch):
+    """The command line, then the same in Python, where the first engine is gone before the second loads."""
+    import gc
+    import json
+    import weakref
+
+    from modelscope_t2v import upscale
+    from modelscope_t2v.video_io import probe_video
+    result = cli('--model', model_dirs[0], '--upscale-with', model_dirs[1], '--num-frames', '2', '--height', '32',
+                 '--width', '32', '--steps', '4', '-o', str(tmp_path / 'up.mp4'))
+    assert result.returncode == 0, result.stderr
+    info = probe_video(tmp_path / 'up.mp4')
+    assert (info['frames'], info['width'], info['height']) == (2, 64, 64)
+    assert json.loads(info['comment'])['strength'] == 0.65
+
+    loaded, load = [], TextToVideo.from_pretrained
+
+    def tracked(model_dir, **options):
+        gc.collect()
+        assert all(ref() is None for ref in loaded), 'the first model is still alive'
+        engine = load(model_dir, **options)
+        loaded.append(weakref.ref(engine))
+        return engine
+    monkeypatch.setattr(upscale.TextToVideo, 'from_pretrained', tracked)
+    out = upscale.generate_and_upscale({'text': PROMPT, 'seed': 2}, model_dirs[0], model_dirs[1], load={'device': 'cpu'},
+                                       num_frames=2, height=32, width=32, num_inference_steps=4, output_type='frames')
+    assert len(loaded) == 2 and out.frames[0].shape == (2, 64, 64, 3)
