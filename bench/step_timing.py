@@ -257,7 +257,7 @@ def graphs_in_turn(copies):
     The UNet compiled in mode 'default' (no CUDA graphs of inductor's own), guidance around it, and
     each copy captured with the same static inputs and one shared memory pool. The test of whether
     a launch waits for its graph's previous run: on an H200 two copies gave the same step as one
-    (docs/benchmarks.md, 23:23 run). A copy's eps is overwritten `copies` steps later: the loop
+    (docs/benchmarks.md, Decisions). A copy's eps is overwritten `copies` steps later: the loop
     has used it by then.
     """
     eps_fn = guided_eps(torch.compile(unet.to_channels_last(), dynamic=False, options=compile_options('default')))
@@ -383,7 +383,7 @@ def plain_geglu():
 
 def geglu_config():
     """The package's compiled path with the GEGLU kernel's tile config from GEGLU_CONFIG
-    ('block_m,max_half,block_k,warps,stages,per_sm': bench/geglu_gemm.py's CONFIGS). Changes models.geglu
+    ('block_m,max_half,block_k,warps,stages,per_sm', the tile constants of models/geglu.py). Changes models.geglu
     for the rest of the process: give it alone or with --parallel."""
     from modelscope_t2v.models import geglu
     (geglu.BLOCK_M, geglu.MAX_HALF, geglu.BLOCK_K, geglu.WARPS, geglu.STAGES,
@@ -395,8 +395,8 @@ def temporal_conv_kernel(where):
     """The package's compiled path with the temporal-conv kernel (models/frame_conv.py) only on calls where
     `where(rows, taps)` holds; elsewhere the GEMM into 3 co tap columns and the frame-shifted sum, which
     inductor fuses into the GroupNorm after it. FRAME_CONV_CONFIG ('block_m,max_n,block_k,warps,stages',
-    bench/frame_conv_gemm.py's CONFIGS) sets the kernel's tile config. Changes models.frame_conv for the rest
-    of the process: give it alone or with --parallel."""
+    models/frame_conv.py's tile constants and k_loop) sets the kernel's tile config. Changes models.frame_conv
+    for the rest of the process: give it alone or with --parallel."""
     from modelscope_t2v.models import frame_conv
     if 'FRAME_CONV_CONFIG' in os.environ:
         frame_conv.BLOCK_M, frame_conv.MAX_N, block_k, frame_conv.WARPS, stages = (

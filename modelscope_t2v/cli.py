@@ -32,7 +32,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                        help="'gpu' (CUDA when available, else CPU), 'cpu', 'cuda:1'... (default: %(default)s)")
     group.add_argument('--compile', action='store_true',
                        help='torch.compile the UNet and the decoder on CUDA: about 3 min once per process, '
-                            'then about 2x faster (docs/benchmarks.md)')
+                            'then about 3x faster (docs/benchmarks.md)')
     group.add_argument('--low-memory', action='store_true',
                        help='keep the text encoder and autoencoder on the CPU between uses; decode frame by frame')
     group.add_argument('--half-cache', action='store_true',

@@ -82,7 +82,7 @@ class TextToVideo:
         model_dir: a folder in the original layout or diffusers' (model_folder.py).
         compile: False, True or a torch.compile mode (COMPILE_MODES; True is
             'default'). On CUDA, compile_networks(mode): minutes once per process
-            (less with inductor's on-disk cache warm), then about 2x faster per
+            (less with inductor's on-disk cache warm), then about 3x faster per
             generation.
         low_memory: keep the text encoder and autoencoder on the CPU between their
             uses and decode one frame at a time (docs/benchmarks.md: peak memory).

@@ -3,7 +3,7 @@
 The temporal transformers attend over a few frames (16 by default) at each of
 thousands of pixels. SDPA's kernels are built for long sequences: on an H200
 its fastest one spends 2.5 ms per guided UNet step on these calls, this
-kernel 1.0 ms (bench/frame_attention.py, docs/benchmarks.md). In it one
+kernel 1.0 ms (docs/benchmarks.md, Decisions). In it one
 program takes one (pixel, head) sequence whole: scores, softmax and the
 weighted sum stay in registers, and q, k, v are read in the projections' own
 layout, without a transpose copy.
@@ -35,7 +35,7 @@ if not hasattr(torch.library, 'triton_op'):  # torch < 2.6
 
 MAX_FRAMES = 128
 HEAD_SIZES = (16, 32, 64, 128)
-KERNEL_WARPS = 1   # per program: the fastest over the model's calls on an H200 (bench/frame_attention.py)
+KERNEL_WARPS = 1   # per program: the fastest over the model's calls on an H200 (docs/benchmarks.md)
 
 
 def multi_head_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ tap, and sums them frame-shifted; under torch.compile the GroupNorm after the
 conv reads those 3 co columns back, twice. The kernel writes co columns once:
 0.56 ms less a guided UNet step on an H200. It pays where it has at least
 MIN_TILES_PER_SM output tiles per SM, at the 32x32 and 16x16 levels of the
-UNet (bench/frame_conv_gemm.py, bench/step_timing.py, docs/benchmarks.md).
+UNet (bench/step_timing.py, docs/benchmarks.md).
 With fewer tiles its one program per SM idles where cuBLAS splits the work
 finer (8x8: 47.6 us against 34.2 for the GEMM alone).
 
@@ -38,7 +38,7 @@ except ImportError:  # CPU-only torch builds come without Triton; older Triton h
     triton = None
 
 # Tile: BLOCK_M rows, up to MAX_N output channels; its K loop is in k_loop. The fastest over the model's calls
-# on an H200 (bench/frame_conv_gemm.py).
+# on an H200 (docs/benchmarks.md, Decisions).
 BLOCK_M, MAX_N, WARPS = 128, 128, 4
 MIN_TILES_PER_SM = 2
 
@@ -93,7 +93,7 @@ def kernel_works(device: torch.device) -> bool:
 
 def output_columns_per_tile(co: int) -> int:
     """MAX_N, or the least power of two from 16 up that holds co. Where MAX_N does not divide co the last
-    tile is cut short: at co = 320, 3 tiles of 128 took 52 us where 5 of 64 took 66 (bench/frame_conv_gemm.py)."""
+    tile is cut short: at co = 320, 3 tiles of 128 took 52 us where 5 of 64 took 66 (docs/benchmarks.md)."""
     return min(MAX_N, max(16, 1 << (co - 1).bit_length()))
 
 
