@@ -42,11 +42,18 @@ from modelscope_t2v.tools.make_random_model import write_model_dir  # noqa: E402
 from peers import PROMPT, SEED  # noqa: E402
 
 LONG_FRAMES = 64
+# --workload presets: (frames, height, width, sampler, steps); 'default' is the model card's generation
+WORKLOADS = {
+    'default': (16, 256, 256, 'ddim', 50),
+    'zeroscope-576w': (24, 320, 576, 'dpm++2m', 40),   # zeroscope_v2_576w's card: 576x320, 24 frames
+    'long': (256, 256, 256, 'ddim', 50),               # FreeNoise windows of 16 frames, stride 4
+}
 
 
 def default_request(engine: TextToVideo, args, **options):
-    """The default generation (DDIM 50, guidance 9) of the benchmark's prompt and seed, as frames."""
-    values = dict(num_frames=args.frames, height=args.size_px, width=args.size_px, output_type='frames')
+    """The workload's generation (guidance 9) of the benchmark's prompt and seed, as frames."""
+    values = dict(num_frames=args.frames, height=args.height, width=args.width, sampler=args.sampler,
+                  num_inference_steps=args.steps, output_type='frames')
     return parse_request({'text': PROMPT, 'seed': SEED}, engine.config, **{**values, **options})
 
 
@@ -88,24 +95,29 @@ def bench_startup(args, device) -> dict:
 
 @torch.no_grad()   # as the engine runs; a compiled UNet would otherwise recompile for grad mode
 def bench_ours(engine: TextToVideo, args, label: str) -> dict:
-    """Per-stage and end-to-end times of the default generation, and DPM++2M at 25 steps."""
+    """Per-stage and end-to-end times of the workload's generation; for the default one also DPM++2M at 25
+    steps."""
     request = default_request(engine, args)
     engine(default_request(engine, args, num_inference_steps=2))  # warm-up
     stages = {}
     (context, uncond), stages['text'] = timed(lambda: engine.encode_prompts([PROMPT], ['']))
     noise = engine.initial_noise(request)[0].to(engine.device, engine.dtype)
     model_fn = engine.guided_unet(context, uncond, 9.0)
-    run_denoise = lambda: denoise(model_fn, noise, None, make_scheduler('ddim', engine.config.diffusion), 50)  # noqa: E731
+    engine.unet.set_temporal_window(request.temporal_window, request.temporal_stride or 1)
+    scheduler = lambda: make_scheduler(args.sampler, engine.config.diffusion, args.steps)  # noqa: E731
+    run_denoise = lambda: denoise(model_fn, noise, None, scheduler(), args.steps)  # noqa: E731
     latents, _ = timed(run_denoise)
     stages['denoise'] = median_time(run_denoise, args.runs)
     stages['decode'] = median_time(lambda: engine.decode(latents), args.runs)
     video = engine.decode(latents)
     frames, stages['to_uint8'] = timed(lambda: to_uint8_frames(video)[0])
     stages['mp4'] = mp4_encode_time(frames)
-    dpm = default_request(engine, args, sampler='dpm++2m', num_inference_steps=25)
-    return {'label': label, 'stages_s': stages, 'end_to_end_s': median_time(lambda: engine(request), args.runs),
-            'dpm++2m_25_s': median_time(lambda: engine(dpm), args.runs),
-            'peak_gib': peak_gib(lambda: engine(request)), 'frames': engine(request).frames[0]}
+    row = {'label': label, 'stages_s': stages, 'end_to_end_s': median_time(lambda: engine(request), args.runs),
+           'peak_gib': peak_gib(lambda: engine(request)), 'frames': engine(request).frames[0]}
+    if args.workload == 'default':
+        dpm = default_request(engine, args, sampler='dpm++2m', num_inference_steps=25)
+        row['dpm++2m_25_s'] = median_time(lambda: engine(dpm), args.runs)
+    return row
 
 
 def mp4_encode_time(frames):
@@ -157,9 +169,9 @@ def psnr_against_fp32(args, device, rows: list) -> dict:
 
 def print_table(results: dict) -> None:
     print(f"\nGPU: {results['device']}; torch {results['torch']}; "
-          f"fp16 matmul ceiling {results['ceiling_tflops']:.0f} TFLOP/s; default generation "
+          f"fp16 matmul ceiling {results['ceiling_tflops']:.0f} TFLOP/s; workload {results['workload']}: "
           f"{results['flops']['generation']:.0f} TFLOP (floor {results['floor_s']:.2f} s)")
-    print(f"{'implementation':56} {'DDIM-50 s':>9} {'DPM-25 s':>9} {'peak GiB':>9} {'floor/time':>10}")
+    print(f"{'implementation':56} {'time s':>9} {'DPM-25 s':>9} {'peak GiB':>9} {'floor/time':>10}")
 
     def cell(value, spec='9.3f'):
         return f"{'n/a':>9}" if value is None else format(value, spec)
@@ -180,11 +192,13 @@ def parse_args(argv):
     parser.add_argument('--size', choices=['full', 'tiny'], default='full')
     parser.add_argument('--model-dir', default=os.path.join(tempfile.gettempdir(), 'modelscope-t2v-bench'))
     parser.add_argument('--runs', type=int, default=3)
-    parser.add_argument('--frames', type=int, default=16)
-    parser.add_argument('--size-px', type=int, default=256)
+    parser.add_argument('--workload', choices=sorted(WORKLOADS), default='default',
+                        help='frames, size, sampler and steps: ' + '; '.join(f'{k} {v}' for k, v in WORKLOADS.items()))
     parser.add_argument('--skip', default='', help='comma list of: startup, memory, compile, fp32, builtin, diffusers')
     parser.add_argument('--compile-modes', default='reduce-overhead', help='torch.compile modes, comma separated')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.frames, args.height, args.width, args.sampler, args.steps = WORKLOADS[args.workload]
+    return args
 
 
 def main(argv=None):
@@ -196,7 +210,8 @@ def main(argv=None):
         print(f'wrote random {args.size} model to {args.model_dir} in {seconds:.1f} s', flush=True)
     results = {'device': torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu',
                'torch': torch.__version__, 'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
-               'command': ' '.join(['python bench/benchmark.py'] + sys.argv[1:]), 'rows': []}
+               'command': ' '.join(['python bench/benchmark.py'] + sys.argv[1:]), 'workload': args.workload,
+               'rows': []}
     rows = results['rows']
     if 'startup' not in skip:
         results['startup_s'] = bench_startup(args, device)
@@ -205,11 +220,16 @@ def main(argv=None):
     # the eager path, and the arithmetic floor
     engine = load(args, device)
     results['ceiling_tflops'] = matmul_ceiling(device)
-    results['flops'] = count_flops(engine, args.frames, args.size_px)
-    results['flops']['generation'] = 50 * 2 * results['flops']['unet_forward'] + results['flops']['decode']
+    results['flops'] = count_flops(engine, args.frames, args.height, args.width)
+    results['flops']['generation'] = args.steps * 2 * results['flops']['unet_forward'] + results['flops']['decode']
     results['floor_s'] = results['flops']['generation'] / results['ceiling_tflops']
     rows.append(bench_ours(engine, args, f'modelscope-t2v eager ({str(engine.dtype)[6:]})'))
     print(rows[-1]['label'], rows[-1]['end_to_end_s'], flush=True)
+    if args.workload == 'long':   # the same path at the trained frame count: time and memory grow how?
+        short = argparse.Namespace(**{**vars(args), 'frames': engine.config.max_frames})
+        rows.append(bench_ours(engine, short, f'modelscope-t2v eager, {short.frames} frames'))
+        results['long_over_short'] = rows[0]['end_to_end_s'] / rows[-1]['end_to_end_s']
+        print(rows[-1]['label'], rows[-1]['end_to_end_s'], 'ratio', results['long_over_short'], flush=True)
     release(engine)
 
     if 'memory' not in skip:

@@ -74,11 +74,11 @@ def matmul_ceiling(device, dtype=torch.float16) -> float:
     return 2 * n ** 3 / median_time(lambda: a @ b, 10) / 1e12
 
 
-def count_flops(engine, frames: int, size: int) -> dict:
-    """TFLOP of one UNet forward (batch 1) and one decode of `frames` frames."""
+def count_flops(engine, frames: int, height: int, width: int) -> dict:
+    """TFLOP of one UNet forward (batch 1) and one decode of `frames` frames of height x width."""
     from torch.utils.flop_counter import FlopCounterMode
     cell = engine.config.autoencoder.downsample
-    x = torch.randn(1, 4, frames, size // cell, size // cell, device=engine.device, dtype=engine.dtype)
+    x = torch.randn(1, 4, frames, height // cell, width // cell, device=engine.device, dtype=engine.dtype)
     context = torch.randn(1, 77, engine.config.unet.context_dim, device=engine.device, dtype=engine.dtype)
     with torch.no_grad(), FlopCounterMode(display=False) as unet_counter:
         engine.unet(x, torch.tensor([500], device=engine.device), context)

@@ -48,6 +48,7 @@ def diffusers_latents(pipe, latents, steps=50, **options):
 
 def our_latents(engine, latents, steps=50):
     request = parse_request({'text': PROMPT}, engine.config, latents=latents.clone(), num_frames=latents.shape[2],
+                            temporal_window=latents.shape[2],   # one window: the attention diffusers runs
                             height=latents.shape[3] * 8, width=latents.shape[4] * 8, num_inference_steps=steps,
                             output_type='latents')
     return engine(request).latents
