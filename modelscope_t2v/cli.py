@@ -52,7 +52,7 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
                        help=f'1..{MAX_FRAMES} (default: max_frames of configuration.json, 16)')
     group.add_argument('--height', type=int, default=None, help=f'multiple of 8, up to {MAX_SIDE} (default: 256)')
     group.add_argument('--width', type=int, default=None, help=f'multiple of 8, up to {MAX_SIDE} (default: 256)')
-    group.add_argument('--fps', type=float, default=None, help='frames per second of the file (default: 8)')
+    group.add_argument('--fps', type=float, default=None, help='frames per second of the file, 0.01..240 (default: 8)')
     group.add_argument('--steps', dest='num_inference_steps', type=int, default=None,
                        help='denoising steps, 1..1000 (default: 50)')
     group.add_argument('--guidance-scale', type=float, default=None,

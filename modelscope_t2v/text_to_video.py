@@ -25,7 +25,7 @@ from .half_cache import HALF_DTYPES, load_networks_cached
 from .models.autoencoder import AutoencoderKL
 from .models.text_encoder import OpenCLIPTextEncoder
 from .models.unet3d import UNet3D
-from .request import GenerationCancelled, GenerationRequest, NonFiniteError
+from .request import GenerationCancelled, GenerationRequest, NonFiniteError, numbered_paths
 from .sampling import denoise, guided
 from .schedulers import draws_step_noise, make_scheduler
 
@@ -328,10 +328,7 @@ def output_paths(output_video, n: int) -> List[str]:
     """Where the n videos go: the given path (name-i.ext for a batch) or new temporary files."""
     if output_video is None:
         return [video_io.temporary_video_path('.mp4') for _ in range(n)]
-    if n == 1:
-        return [os.fspath(output_video)]
-    stem, ext = os.path.splitext(os.fspath(output_video))
-    return [f'{stem}-{i}{ext}' for i in range(n)]
+    return numbered_paths(output_video, n)
 
 
 def _watched_steps(callback, sums: list):
