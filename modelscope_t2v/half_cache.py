@@ -35,14 +35,13 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 
 import torch
 import xxhash
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import model_folder, weights
+from . import model_folder, scratch, weights
 from .config import ModelConfig
 from .model_folder import ModelFolder
 from .models.autoencoder import AutoencoderKL
@@ -200,7 +199,7 @@ def _write(folder: str, networks, model_dir: str, sources: dict) -> None:
         # which would hide a shared cache from every other user
         mode = stat.S_IMODE(os.stat(model_dir).st_mode) & 0o777
         os.makedirs(root, exist_ok=True)
-        temp = tempfile.mkdtemp(prefix=f'.{os.path.basename(folder)}.tmp-', dir=root)
+        temp = scratch.temporary_sibling(folder)   # removes those of writers killed before
         files = {}
         for net, file in zip(networks, NETWORK_FILES):
             path = os.path.join(temp, file)

@@ -16,12 +16,15 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import threading
 import time
 
 logger = logging.getLogger(__name__)
 
 STALE_AFTER_S = 3600
+# temporary_sibling's folders: '.NAME.tmp-' and mkdtemp's 8 characters
+TEMPORARY_FOLDER_RE = re.compile(r'\..+\.tmp-[a-z0-9_]{8}', re.DOTALL)
 _swept = set()                 # (folder, pattern) already swept by this process
 _swept_lock = threading.Lock()
 
@@ -79,3 +82,11 @@ def remove_stale(folder: str | os.PathLike, pattern: re.Pattern, once: bool = Fa
         remove_quietly(path)
         removed.append(path)
     return removed
+
+
+def temporary_sibling(target: str | os.PathLike) -> str:
+    """A new empty folder '.NAME.tmp-XXXXXXXX' beside `target`, for its writer to rename to `target` when
+    complete or remove on a failure; stale ones of writers killed before are removed first."""
+    target = os.path.abspath(target)
+    remove_stale(os.path.dirname(target), TEMPORARY_FOLDER_RE)
+    return tempfile.mkdtemp(prefix=f'.{os.path.basename(target)}.tmp-', dir=os.path.dirname(target))

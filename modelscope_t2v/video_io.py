@@ -59,13 +59,21 @@ def validate_output_path(path: str | os.PathLike) -> pathlib.Path:
     check_name_length(target.name, folder, PARTIAL_EXTRA_BYTES)   # before is_dir(), which a long name fails
     if target.is_dir():
         raise ValueError(f'output path {str(path)!r} is a folder, not a file name')
-    try:  # the one sure test of writability: root passes os.access on a read-only mode, not on a read-only mount
+    try:
+        check_writable(folder)
+    except ValueError as error:
+        raise ValueError(f'output path {str(path)!r}: {error}') from None
+    return target
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Raise ValueError unless a file can be created in `folder`. A file is made and removed at once (unnamed
+    where the system can): the one sure test, as root passes os.access() on a read-only mode."""
+    try:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as error:
-        raise ValueError(f'output path {str(path)!r}: folder {str(folder)!r} is not writable '
-                         f'({error.strerror})') from None
-    return target
+        raise ValueError(f'folder {str(folder)!r} is not writable ({error.strerror})') from None
 
 
 def validate_output_name(path: str | os.PathLike) -> pathlib.Path:

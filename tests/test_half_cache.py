@@ -3,6 +3,7 @@
 import logging
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -303,3 +304,21 @@ def test_source_sample_reads_16_blocks_first_and_last_included(tmp_path):
     assert [changed_at(o) for o in (0, (64 << 20) - 1, 7 * stride + 5, 7 * stride + (1 << 20) + 5)] == [
         True, True, True, False]
     assert half_cache._source_sample(str(tmp_path / 'missing.pth')) is None
+
+
+def test_stale_temporary_folders_of_killed_writers_are_removed_at_the_next_write(tiny_model_dir, tmp_path):
+    """A writer killed while writing leaves '.NAME.tmp-XXXXXXXX'; the next cache write into the root removes
+    those unmodified for an hour (scratch.STALE_AFTER_S), and keeps a younger one: it may be a live writer's."""
+    now = time.time()
+    ages = {'.tiny-original-float16-0123456789abcdef.tmp-k1ll3d_a': 7200,   # killed two hours ago
+            '.other-model-float16-fedcba9876543210.tmp-xyz_0123': 3700,
+            '.tiny-original-float16-0123456789abcdef.tmp-writing1': 30}   # being written now, elsewhere
+    for name, age in ages.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / 'unet.safetensors').write_bytes(b'half a tensor')
+        for path in (tmp_path / name / 'unet.safetensors', tmp_path / name):
+            os.utime(path, (now - age, now - age))
+    load_networks_cached(open_folder(tiny_model_dir), torch.float16, cache_dir=str(tmp_path))
+    left = _folders(tmp_path)
+    assert len(left) == 2 and '.tiny-original-float16-0123456789abcdef.tmp-writing1' in left
+    assert '-float16-' in [name for name in left if not name.startswith('.')][0]   # the new cache
