@@ -25,15 +25,13 @@ from typing import Any, Callable, Optional, Tuple, Union
 import torch
 
 from . import video_io
-from .config import ModelConfig
+from .config import MAX_FRAMES, MAX_SIDE, ModelConfig
 from .schedulers import DEFAULT_SAMPLER, check_sampler
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ('video', 'frames', 'latents')
 MAX_SEED = 2 ** 63 - 1
-MAX_FRAMES = 1024
-MAX_SIDE = 4096
 
 
 class GenerationCancelled(Exception):
