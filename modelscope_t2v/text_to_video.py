@@ -139,9 +139,9 @@ class TextToVideo:
         n = self.config.text.context_length
         for prompt in prompts:
             count = tokenizer.count_tokens(prompt)
-            if count > n:
-                logger.warning('prompt of %d tokens truncated to the text encoder\'s %d: %r',
-                               count, n, prompt)
+            if count > n:   # the prompt's start names it: a log line per request, not a copy of the prompt
+                shown = repr(prompt) if len(prompt) <= 80 else f'{prompt[:60]!r}... ({len(prompt)} characters)'
+                logger.warning('prompt of %d tokens truncated to the text encoder\'s %d: %s', count, n, shown)
         tokens = tokenizer.tokenize(list(prompts), context_length=n).to(self.device)
         with self.on_device(self.text_encoder) as text_encoder:
             return text_encoder(tokens).clone()   # compiled with CUDA graphs, the output is the graph's, reused

@@ -362,8 +362,11 @@ def test_long_prompt_warns_about_truncation(generate, caplog):
         generate(text='a short prompt', seed=1, num_inference_steps=1, output_type='latents')
         assert not [r for r in caplog.records if 'truncat' in r.getMessage()]
         generate(text='a red ball ' * 40, seed=1, num_inference_steps=1, output_type='latents')
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and 'truncat' in r.getMessage()]
-    assert len(warnings) == 1 and '122 tokens' in warnings[0].getMessage()
+        generate(text='a red ball ' * 10_000, seed=1, num_inference_steps=1, output_type='latents')
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and 'truncat' in r.getMessage()]
+    assert len(warnings) == 2 and '122 tokens' in warnings[0] and '30002 tokens' in warnings[1]
+    assert warnings[1] == ("prompt of 30002 tokens truncated to the text encoder's 77: 'a red ball a red ball a red "
+                           "ball a red ball a red ball a red'... (110000 characters)")   # 144 characters, not 110 000
 
 
 # --- through ModelScope's pipeline ----------------------------------------------------------
