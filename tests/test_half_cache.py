@@ -108,10 +108,14 @@ def test_files_hold_only_the_networks_keys(tiny_model_dir, config, originals, tm
     assert 2 * n_values < size < 2 * n_values + 200_000  # 2 bytes a value plus the JSON headers
 
 
-def test_touching_a_source_file_gives_a_new_folder_and_a_rebuild(model_dir, config, tmp_path, count_builds):
+def test_touching_a_source_file_gives_a_new_folder_a_rebuild_and_removes_the_old(model_dir, config, tmp_path,
+                                                                                    count_builds):
+    """The superseded cache (same sources, same dtype) goes when its successor is written; others stay."""
     cache = tmp_path / 'cache'
     load_networks_cached(open_folder(str(model_dir)), torch.float16, cache_dir=str(cache))
-    [old] = _folders(cache)
+    load_networks_cached(open_folder(str(model_dir)), torch.bfloat16, cache_dir=str(cache))   # another dtype
+    [old] = [name for name in _folders(cache) if '-float16-' in name]
+    [bfloat16] = [name for name in _folders(cache) if '-bfloat16-' in name]
 
     # rewrite the UNet with one tensor doubled, then give it a new mtime
     unet_path = model_dir / config.ckpt_unet
@@ -123,13 +127,14 @@ def test_touching_a_source_file_gives_a_new_folder_and_a_rebuild(model_dir, conf
     os.utime(unet_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
 
     networks = load_networks_cached(open_folder(str(model_dir)), torch.float16, cache_dir=str(cache))
-    assert len(count_builds) == 2
-    assert len(_folders(cache)) == 2 and old in _folders(cache)
+    assert len(count_builds) == 3
+    [new] = [name for name in _folders(cache) if '-float16-' in name]
+    assert new != old and _folders(cache) == sorted([new, bfloat16])
     assert torch.equal(networks[1].state_dict()[name], state[name].to(torch.float16))
 
     os.utime(unet_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2_000_000_000))  # a touch alone
     load_networks_cached(open_folder(str(model_dir)), torch.float16, cache_dir=str(cache))
-    assert len(count_builds) == 3 and len(_folders(cache)) == 3
+    assert len(count_builds) == 4 and len(_folders(cache)) == 2 and new not in _folders(cache)
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.int8])
