@@ -107,7 +107,8 @@ def check_name_length(name: str, folder: str | os.PathLike, extra_bytes: int = 0
 
 
 def temporary_video_path(suffix: str = '.mp4') -> str:
-    """A fresh, not yet existing path in the system temp folder (ModelScope pipelines return a new mp4 there)."""
+    """A fresh, not yet existing path in the system temp folder (ModelScope pipelines return a new mp4 there);
+    the file written there belongs to whoever asked for it: the pipeline's caller (README, Guarantees)."""
     if suffix not in CONTAINERS:
         raise ValueError(f'suffix {suffix!r} is not supported; choose one of {", ".join(CONTAINERS)}')
     return os.path.join(tempfile.gettempdir(), f'modelscope_t2v-{secrets.token_hex(8)}{suffix}')
