@@ -9,6 +9,7 @@ parameters a video was made with are shown under it. No generation logic lives h
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 
@@ -45,6 +46,9 @@ def build_demo(pipe, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
 
     def generate(prompt, negative_prompt, seed, steps, guidance_scale, frames, sampler, init_video, strength,
                  init_image, progress=gr.Progress()):  # noqa: B008  (Gradio's way of asking for a progress bar)
+        """The video and its parameters. The mp4 the pipeline writes into the temp folder is this caller's to
+        delete (README, Guarantees): yielded, Gradio copies it into its own cache (which delete_cache below
+        ages out) before it resumes this generator, which then removes the original."""
         def report(step, timestep, latents):
             progress((step + 1, steps), desc='denoising')
 
@@ -56,7 +60,11 @@ def build_demo(pipe, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
         except (ValueError, TypeError, NonFiniteError) as error:  # checks name the option and its range
             raise gr.Error(str(error)) from None
         parameters = {k: v for k, v in out['parameters'].items() if k != 'output_video'}
-        return out['output_video'], parameters
+        try:
+            yield out['output_video'], parameters
+        finally:   # also when Gradio closes the generator unresumed (a cancelled or failed event)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(out['output_video'])
 
     # delete_cache: served copies of videos older than a day go, checked hourly
     with gr.Blocks(title='ModelScope text-to-video', delete_cache=(3600, 86400)) as demo:

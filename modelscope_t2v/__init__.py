@@ -6,9 +6,27 @@ ModelScope's registries (when ModelScope is installed), so
 """
 
 import logging
+import os
+import sys
 
-from .request import GenerationCancelled, GenerationRequest, NonFiniteError, parse_request
-from .text_to_video import GenerationResult, TextToVideo
+
+def _exit_if_command() -> None:
+    """On Ctrl-C during these imports (seconds: torch, then ModelScope), exit 130 with one line, as cli.guarded
+    does later, where this process is the command line: the modelscope-t2v script or python -m
+    modelscope_t2v[.batch] (torchrun's ranks). Imported by any other program, the KeyboardInterrupt is its."""
+    argv = getattr(sys, 'orig_argv', [])   # Python 3.10+: the interpreter's own arguments
+    module = next((b for a, b in zip(argv, argv[1:]) if a == '-m'), '')
+    if os.path.basename(sys.argv[0]) == 'modelscope-t2v' or module.split('.')[0] == __name__:
+        print('modelscope-t2v: interrupted', file=sys.stderr)
+        raise SystemExit(130)
+
+
+try:
+    from .request import GenerationCancelled, GenerationRequest, NonFiniteError, parse_request
+    from .text_to_video import GenerationResult, TextToVideo
+except KeyboardInterrupt:
+    _exit_if_command()
+    raise
 
 __version__ = '0.1.0'
 __all__ = ['GenerationCancelled', 'GenerationRequest', 'GenerationResult', 'NonFiniteError', 'TextToVideo',
@@ -17,5 +35,8 @@ __all__ = ['GenerationCancelled', 'GenerationRequest', 'GenerationResult', 'NonF
 try:
     from .pipeline import register as _register
     _register()
+except KeyboardInterrupt:
+    _exit_if_command()
+    raise
 except Exception as _error:  # the networks and TextToVideo work without a usable ModelScope
     logging.getLogger(__name__).warning('not registered in ModelScope (%s: %s)', type(_error).__name__, _error)

@@ -24,6 +24,7 @@ import glob
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from . import scratch, video_io
 from .cli import add_generation_flags, add_model_flags, generation_options, guarded, load_pipeline, resolve_models
 from .model_folder import open_folder
 from .request import GenerationRequest, parse_request
@@ -122,7 +124,7 @@ def read_items(path: str, out_dir: str, config, defaults: dict) -> Tuple[List[It
 
 
 def parse_line(number: int, text: str, out_dir: str, config, defaults: dict) -> Item:
-    """One line -> a checked Item; ValueError/TypeError say what is wrong."""
+    """One line -> a checked Item; ValueError/TypeError say what is wrong. Nothing is written."""
     try:
         line = json.loads(text)
     except json.JSONDecodeError as error:
@@ -134,7 +136,7 @@ def parse_line(number: int, text: str, out_dir: str, config, defaults: dict) -> 
             raise ValueError(f'{key!r} cannot be set in a batch line: {reason}')
     values = {**defaults, **line}  # the line's keys win over the flags
     output = _output_name(values.pop('output', None), number, out_dir)
-    request = parse_request(values, config, output_video=os.path.join(out_dir, output))
+    request = parse_request(values, config)   # the output was checked above: its folders may not exist yet
     if request.num_videos != 1:
         raise ValueError(f'this line asks for {request.num_videos} videos; a batch makes one video per line '
                          '(text must be one string and num_videos_per_prompt 1): repeat the line instead')
@@ -143,16 +145,44 @@ def parse_line(number: int, text: str, out_dir: str, config, defaults: dict) -> 
 
 
 def _output_name(name, number: int, out_dir: str) -> str:
-    """The file of a line relative to out_dir: its 'output' (parent folders created) or NNNNN.mp4."""
+    """The file of a line relative to out_dir: its 'output', checked as a video file inside out_dir (whose
+    missing folders are made when its video is), or NNNNN.mp4."""
     if name is None:
         return f'{number:05d}.mp4'
     if not isinstance(name, str) or not name.strip():
         raise TypeError(f"output must be a file name like 'kite.mp4', not {name!r}")
+    video_io.validate_output_name(name)   # NUL characters, extension
     relative = os.path.normpath(name)
     if os.path.isabs(relative) or relative.split(os.sep)[0] == os.pardir:
         raise ValueError(f'output {name!r} must be a path inside --out {out_dir!r}')
-    os.makedirs(os.path.join(out_dir, os.path.dirname(relative)), exist_ok=True)
+    real_out = os.path.realpath(out_dir)
+    real_folder = os.path.realpath(os.path.join(out_dir, os.path.dirname(relative)))
+    if os.path.commonpath([real_out, real_folder]) != real_out:
+        raise ValueError(f'output {name!r} would be written in {real_folder!r}, outside --out {out_dir!r}, '
+                         'through a symbolic link')
+    _check_writable_path(os.path.join(out_dir, relative), name)
     return relative
+
+
+def _check_writable_path(path: str, name: str) -> None:
+    """What video_io.validate_output_path checks, where the folders of `path` may not exist yet: each
+    missing one is checked for its name's length, the deepest existing one for writability."""
+    folder, missing = os.path.dirname(path), []
+    while not os.path.isdir(folder):
+        if os.path.lexists(folder):
+            raise ValueError(f'output {name!r}: {folder!r} is a file, not a folder')
+        folder, part = os.path.split(folder)
+        missing.insert(0, part)
+    if not missing:
+        video_io.validate_output_path(path)
+        return
+    for part in missing:
+        video_io.check_name_length(part, folder)
+    video_io.check_name_length(os.path.basename(path), folder, video_io.PARTIAL_EXTRA_BYTES)
+    try:
+        video_io.check_writable(folder)
+    except ValueError as error:
+        raise ValueError(f'output {name!r}: {error}') from None
 
 
 # --- the manifest ----------------------------------------------------------------
@@ -212,12 +242,18 @@ def merge_manifests(out_dir: str, remove_rank_files: bool) -> Dict[int, dict]:
 
 
 def _write_atomically(path: str, text: str) -> None:
+    """Write a temporary file beside path, then rename it into place; those of runs killed before go first."""
+    scratch.remove_stale(os.path.dirname(path), re.compile(re.escape(os.path.basename(path)) + r'\.partial-\d+'))
     tmp = f'{path}.partial-{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'w', encoding='utf-8') as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        scratch.remove_quietly(tmp)
+        raise
 
 
 def is_finished(item: Item, entry: Optional[dict], out_dir: str) -> bool:
@@ -283,6 +319,7 @@ def generate(pipe, item: Item, out_dir: str, rank: int) -> dict:
     """Make one item's video; its manifest entry."""
     options = {k: v for k, v in item.values.items() if k not in ('text', 'output')}
     options.update(seed=item.request.seed, output_video=os.path.join(out_dir, item.output))
+    os.makedirs(os.path.dirname(options['output_video']), exist_ok=True)   # the line's folders, if any
     if item.request.show_progress is not None:
         options['show_progress'] = item.request.show_progress
     start = time.perf_counter()

@@ -52,7 +52,7 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
                        help=f'1..{MAX_FRAMES} (default: max_frames of configuration.json, 16)')
     group.add_argument('--height', type=int, default=None, help=f'multiple of 8, up to {MAX_SIDE} (default: 256)')
     group.add_argument('--width', type=int, default=None, help=f'multiple of 8, up to {MAX_SIDE} (default: 256)')
-    group.add_argument('--fps', type=float, default=None, help='frames per second of the file (default: 8)')
+    group.add_argument('--fps', type=float, default=None, help='frames per second of the file, 0.01..240 (default: 8)')
     group.add_argument('--steps', dest='num_inference_steps', type=int, default=None,
                        help='denoising steps, 1..1000 (default: 50)')
     group.add_argument('--guidance-scale', type=float, default=None,
@@ -131,7 +131,9 @@ def run_generate(argv) -> int:
     if not args.verbose:
         logging.getLogger('modelscope').setLevel(logging.ERROR)  # its start-up chatter
     from .config import FULL
+    from .pipeline import torch_device
     from .request import parse_request
+    torch_device(args.device)   # fail fast on a bad name, before loading
     options = generation_options(args)
     strength = options.pop('strength', None) if args.upscale_with else None   # the second pass's
     request = parse_request({'text': args.prompt}, FULL, **options)  # fail fast, before loading
@@ -189,13 +191,18 @@ def run_convert(argv) -> int:
     return 0
 
 
+def run_batch(argv) -> int:
+    from .batch import run_batch   # imported here: it imports this module
+    return run_batch(argv)
+
+
 def main(argv=None) -> int:
+    """The command line; everything it does runs under guarded (the package's imports before it handle a
+    Ctrl-C themselves: __init__.py)."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == 'batch':
-        from .batch import main as batch_main
-        return batch_main(argv[1:])
-    if argv and argv[0] == 'convert':
-        return guarded(run_convert, argv[1:])
+    commands = {'batch': run_batch, 'convert': run_convert}
+    if argv and argv[0] in commands:
+        return guarded(commands[argv[0]], argv[1:])
     return guarded(run_generate, argv)
 
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Optional
 
 import torch
 
 from . import config as config_lib
-from . import diffusers_format, model_folder, tokenizer
+from . import diffusers_format, model_folder, scratch, tokenizer
 from .config import ModelConfig, replace
 from .schedulers import SAMPLERS, training_schedule
 from .weights import AUTOENCODER_PREFIX
@@ -48,7 +47,7 @@ def convert(src: str, dst: str, to: str, dtype: Optional[str] = None, safetensor
     states = model_folder.read_state_dicts(folder)
     if dtype is not None:
         states = tuple({k: v.to(DTYPES[dtype]) for k, v in state.items()} for state in states)
-    temp = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.abspath(dst))}.tmp-', dir=parent)
+    temp = scratch.temporary_sibling(dst)   # removes those of conversions killed before
     try:
         write = write_diffusers if to == model_folder.DIFFUSERS else write_original
         write(temp, folder.config, states, safetensors)

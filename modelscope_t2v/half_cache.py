@@ -11,7 +11,7 @@ the pages go from the page cache into the copy to the GPU. A cold start is then 
 Layout: `<root>/<model dir name>-<dtype>-<16 hex digits>/{text_encoder,unet,autoencoder}.safetensors`
 and `manifest.json`, root `cache_dir`, else `$MODELSCOPE_T2V_CACHE`, else `~/.cache/modelscope_t2v`.
 The digits hash everything the files depend on (see `_cache_folder`), so a changed source file or
-configuration gets a new folder; the old one is left behind, never read again.
+configuration gets a new folder; writing it removes the folders it supersedes (`_remove_superseded`).
 
 Integrity. The manifest records, when the cache is written, the size and xxh3-128 hash of every
 cache file, and a sampled hash of every source file (`_source_sample`). Each start verifies them
@@ -35,14 +35,13 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 
 import torch
 import xxhash
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import model_folder, weights
+from . import model_folder, scratch, weights
 from .config import ModelConfig
 from .model_folder import ModelFolder
 from .models.autoencoder import AutoencoderKL
@@ -200,7 +199,7 @@ def _write(folder: str, networks, model_dir: str, sources: dict) -> None:
         # which would hide a shared cache from every other user
         mode = stat.S_IMODE(os.stat(model_dir).st_mode) & 0o777
         os.makedirs(root, exist_ok=True)
-        temp = tempfile.mkdtemp(prefix=f'.{os.path.basename(folder)}.tmp-', dir=root)
+        temp = scratch.temporary_sibling(folder)   # removes those of writers killed before
         files = {}
         for net, file in zip(networks, NETWORK_FILES):
             path = os.path.join(temp, file)
@@ -214,6 +213,7 @@ def _write(folder: str, networks, model_dir: str, sources: dict) -> None:
             _fsync(os.path.join(temp, file))  # data on disk before the rename makes it visible
         os.chmod(temp, mode)
         os.rename(temp, folder)  # atomic; refused when a concurrent writer's folder is already there
+        _remove_superseded(folder, sources)
     except (OSError, SafetensorError) as error:
         if os.path.isdir(folder) and temp is not None:
             logger.debug('weight cache %s was written meanwhile by another process; ours discarded', folder)
@@ -223,6 +223,25 @@ def _write(folder: str, networks, model_dir: str, sources: dict) -> None:
     finally:
         if temp is not None and os.path.isdir(temp):
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def _remove_superseded(folder: str, sources: dict) -> None:
+    """Remove the caches that `folder` replaces: those of the same dtype over the same source files (their
+    manifests name the same paths), written before the files or the configuration changed. Nothing would
+    read them again, and each holds gigabytes. A process still reading one keeps its memory-mapped pages."""
+    root, name = os.path.split(folder)
+    same_kind = re.compile(re.escape(name[:-16]) + '[0-9a-f]{16}')   # '<model dir name>-<dtype>-' + hash
+    for other in os.listdir(root):
+        if other == name or not same_kind.fullmatch(other):
+            continue
+        try:
+            with open(os.path.join(root, other, MANIFEST)) as f:
+                superseded = set(json.load(f).get('sources', {})) == set(sources)
+        except (OSError, ValueError, AttributeError):
+            continue   # not a cache this code wrote: left alone
+        if superseded:
+            logger.info('removing the weight cache %s: %s replaces it', os.path.join(root, other), folder)
+            shutil.rmtree(os.path.join(root, other), ignore_errors=True)
 
 
 def _fsync(path: str) -> None:

@@ -138,18 +138,36 @@ def _diffusers_folder(path: str, half: bool) -> ModelFolder:
 
 def _diffusers_config(path: str, configs: Dict[str, dict]) -> ModelConfig:
     """The networks' shapes from their config.json; the default size from the UNet's sample_size; the
-    training schedule and default sampler from scheduler/scheduler_config.json."""
-    unet = diffusers_format.unet_config_from_diffusers(configs['unet'])
-    autoencoder = diffusers_format.autoencoder_config_from_diffusers(configs['autoencoder'])
-    text = diffusers_format.text_config_from_diffusers(configs['text_encoder'])
+    training schedule and default sampler from scheduler/scheduler_config.json. Errors name the file."""
+    sections = {}
+    for network, read in (('unet', diffusers_format.unet_config_from_diffusers),
+                          ('autoencoder', diffusers_format.autoencoder_config_from_diffusers),
+                          ('text_encoder', diffusers_format.text_config_from_diffusers)):
+        source = os.path.join(path, DIFFUSERS_FOLDERS[network], 'config.json')
+        sections[network] = _named(source, lambda: read(configs[network]))
     sample = configs['unet'].get('sample_size', 32)
     height, width = (sample, sample) if isinstance(sample, int) else sample
     scheduler_file = os.path.join(path, 'scheduler', 'scheduler_config.json')
-    diffusion, sampler = (_schedule(_read_json(scheduler_file), scheduler_file) if os.path.isfile(scheduler_file)
-                          else (DiffusionConfig(), 'ddim'))
-    cell = autoencoder.downsample
-    return ModelConfig(unet=unet, autoencoder=autoencoder, text=text, diffusion=diffusion,
-                       height=height * cell, width=width * cell, sampler=sampler)
+    diffusion, sampler = (_named(scheduler_file, lambda: _schedule(_read_json(scheduler_file), scheduler_file))
+                          if os.path.isfile(scheduler_file) else (DiffusionConfig(), 'ddim'))
+    cell = sections['autoencoder'].downsample
+    return _named(os.path.join(path, 'unet', 'config.json'), lambda: ModelConfig(
+        unet=sections['unet'], autoencoder=sections['autoencoder'], text=sections['text_encoder'],
+        diffusion=diffusion, height=height * cell, width=width * cell, sampler=sampler))
+
+
+def _named(source: str, build):
+    """build(), its configuration errors prefixed with the file `source` they come from. A missing key or a
+    value of the wrong kind fails inside diffusers_format as KeyError, IndexError, ZeroDivisionError or
+    AttributeError: those become ValueError."""
+    try:
+        return build()
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, AttributeError) as error:
+        kind = TypeError if isinstance(error, TypeError) else ValueError
+        plain = type(error) in (ValueError, TypeError)
+        raise kind(f'{source}: {"" if plain else type(error).__name__ + ": "}{error}') from None
 
 
 def _schedule(raw: dict, source: str) -> Tuple[DiffusionConfig, str]:
@@ -158,9 +176,8 @@ def _schedule(raw: dict, source: str) -> Tuple[DiffusionConfig, str]:
         if raw.get(key, wanted) != wanted:
             raise CheckpointError(f'{source}: {key}={raw[key]!r} is not supported; this model family '
                                   f'uses {key}={wanted!r}')
-    diffusion = DiffusionConfig(num_timesteps=int(raw.get('num_train_timesteps', 1000)),
-                                beta_start=float(raw.get('beta_start', 0.00085)),
-                                beta_end=float(raw.get('beta_end', 0.012)))
+    diffusion = DiffusionConfig(num_timesteps=raw.get('num_train_timesteps', 1000),
+                                beta_start=raw.get('beta_start', 0.00085), beta_end=raw.get('beta_end', 0.012))
     name = raw.get('_class_name')
     sampler = _SAMPLER_OF.get(name)
     if sampler == 'dpm++2m':
@@ -214,7 +231,8 @@ def _expand_shards(folder: str, names: List[str]) -> Tuple[str, ...]:
     paths = []
     for name in names:
         if name.endswith('.json'):
-            shards = sorted(set(_read_json(os.path.join(folder, name))['weight_map'].values()))
+            index = os.path.join(folder, name)
+            shards = _named(index, lambda: sorted(set(_read_json(index)['weight_map'].values())))
             paths.extend(os.path.join(folder, shard) for shard in shards)
         else:
             paths.append(os.path.join(folder, name))
@@ -235,6 +253,9 @@ def _read_json(path: str) -> dict:
                               'each with config.json and weights')
     try:
         with open(path, encoding='utf-8') as f:
-            return json.load(f)
+            raw = json.load(f)
     except ValueError as error:
         raise CheckpointError(f'{path} is not valid JSON: {error}') from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f'{path} must hold a JSON object, not a {type(raw).__name__}')
+    return raw

@@ -45,15 +45,25 @@ BUILTIN_MODULES = ('modelscope.models.multi_modal.video_synthesis.text_to_video_
                    'modelscope.pipelines.multi_modal.text_to_video_synthesis_pipeline')
 
 
+DEVICE_NAMES = ('cpu', 'gpu', 'cuda', 'gpu:N', 'cuda:N')
+
+
 def torch_device(name) -> torch.device:
-    """ModelScope's device names ('gpu', 'gpu:1', 'cuda:0', 'cpu') -> a torch device."""
-    name = str(name or 'gpu')
-    if name.startswith('gpu'):
-        name = 'cuda' + name[3:]
-    if name.startswith('cuda') and not torch.cuda.is_available():
+    """ModelScope's device names ('gpu', 'gpu:1', 'cuda:0', 'cpu'; any case) -> a torch device; ValueError
+    for any other name, or a GPU index this machine lacks."""
+    text = str(name or 'gpu').lower()
+    kind, _, index = text.partition(':')
+    if kind not in ('cpu', 'gpu', 'cuda') or (index and (kind == 'cpu' or not index.isdigit())):
+        raise ValueError(f'device={name!r} is not one of {", ".join(DEVICE_NAMES)} (N: the index of a GPU)')
+    if kind == 'cpu':
+        return torch.device('cpu')
+    if not torch.cuda.is_available():
         logger.info('CUDA is not available; running on the CPU in float32')
         return torch.device('cpu')
-    return torch.device(name)
+    if index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f'device={name!r}: this machine has {torch.cuda.device_count()} GPUs, '
+                         f'0..{torch.cuda.device_count() - 1}')
+    return torch.device('cuda', int(index)) if index else torch.device('cuda')
 
 
 class TextToVideoModel(Model):
@@ -190,7 +200,8 @@ def read_virtual_configurations() -> None:
 
     pipeline() decides whether a path is a model dir with `is_official_hub_path` (a file check) and then
     reads configuration.json through Config.from_file, as the rest of ModelScope does: those two are
-    wrapped, and answer differently only for such folders.
+    wrapped, and answer differently only for such folders, and for a configuration.json that is not a JSON
+    object (a ValueError that names it).
     """
     from modelscope.pipelines import builder
     from modelscope.utils.config import Config
@@ -199,10 +210,12 @@ def read_virtual_configurations() -> None:
     read, is_model_dir = Config.from_file, builder.is_official_hub_path
 
     def from_file(filename, *args, **kwargs):
-        if is_configurationless_folder(os.path.dirname(os.fspath(filename))) and \
-                os.path.basename(os.fspath(filename)) == config_lib.CONFIG_FILE:
+        is_configuration = os.path.basename(os.fspath(filename)) == config_lib.CONFIG_FILE
+        if is_configuration and is_configurationless_folder(os.path.dirname(os.fspath(filename))):
             virtual = config_lib.virtual_configuration_json()
             return Config(virtual, cfg_text=json.dumps(virtual), filename=os.fspath(filename))
+        if is_configuration and os.path.isfile(filename):
+            config_lib.read_json(filename)   # else ModelScope's error names no file, beside a stray traceback
         return read(filename, *args, **kwargs)
 
     def is_official_hub_path(path, *args, **kwargs):

@@ -25,15 +25,13 @@ from typing import Any, Callable, Optional, Tuple, Union
 import torch
 
 from . import init_media, video_io
-from .config import ModelConfig
+from .config import MAX_FRAMES, MAX_SIDE, ModelConfig
 from .schedulers import DEFAULT_SAMPLER, check_sampler
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ('video', 'frames', 'latents')
 MAX_SEED = 2 ** 63 - 1
-MAX_FRAMES = 1024
-MAX_SIDE = 4096
 
 
 class GenerationCancelled(Exception):
@@ -118,7 +116,7 @@ def parse_request(inputs, config: ModelConfig, builtin_rules: bool = False, **kw
         'num_frames': _int(values, 'num_frames', min(video_frames or config.max_frames, MAX_FRAMES), 1, MAX_FRAMES),
         'height': _side(values, 'height', config.height, config.autoencoder.downsample, builtin_rules),
         'width': _side(values, 'width', config.width, config.autoencoder.downsample, builtin_rules),
-        'fps': _number(values, 'fps', 8.0, 0.0, 240.0, low_open=True),
+        'fps': _number(values, 'fps', 8.0, *video_io.FPS_RANGE),
         'num_inference_steps': _int(values, 'num_inference_steps', 50, 1, config.diffusion.num_timesteps),
         'guidance_scale': _number(values, 'guidance_scale', 9.0, 0.0, 100.0),
         'eta': _number(values, 'eta', 0.0, 0.0, 1.0),
@@ -131,10 +129,10 @@ def parse_request(inputs, config: ModelConfig, builtin_rules: bool = False, **kw
         'generator': _optional_generator(values),
     }
     check_sampler(r['sampler'])
-    r['seed'] = _seed(values, draw=not builtin_rules)
     n_videos = len(prompts) * r['num_videos_per_prompt']
+    r['seed'] = _seed(values, n_videos, draw=not builtin_rules)
     r['latents'] = _latents(values.get('latents'), n_videos, config, r)
-    r['output_video'] = _output_video(values.get('output_video'), r['output_type'])
+    r['output_video'] = _output_video(values.get('output_video'), r['output_type'], n_videos)
     r.update(_init_media(values, video, n_videos, config, r))
     r.update(_temporal_window(values, config, r['num_frames']))
     return GenerationRequest(prompts=prompts, negative_prompts=negatives, **r)
@@ -225,15 +223,14 @@ def _side(values: dict, key: str, default: int, multiple: int, round_down: bool 
     return value
 
 
-def _number(values: dict, key: str, default: float, low: float, high: float,
-            low_open: bool = False) -> float:
+def _number(values: dict, key: str, default: float, low: float, high: float, low_open: bool = False) -> float:
     value = values.get(key, default)
     bracket = '(' if low_open else '['
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f'{key} must be a number in {bracket}{low}, {high}], not {value!r}')
     value = float(value)
-    bad_low = value <= low if low_open else value < low
-    if math.isnan(value) or bad_low or value > high:
+    too_low = value <= low if low_open else value < low
+    if math.isnan(value) or too_low or value > high:
         raise ValueError(f'{key}={value} is outside the valid range {bracket}{low}, {high}]')
     return value
 
@@ -266,13 +263,18 @@ def _optional_generator(values: dict):
     return value
 
 
-def _seed(values: dict, draw: bool) -> Optional[int]:
+def _seed(values: dict, n_videos: int, draw: bool) -> Optional[int]:
     """The seed given; else a new random one (reported back, so the video can be made again) when
-    `draw`, or None: the noise then comes from torch's global generator."""
+    `draw`, or None: the noise then comes from torch's global generator. Video i uses seed + i, which
+    must stay a valid seed too (one that can be passed back)."""
     seed = values.get('seed')
     if seed is None:
         return secrets.randbelow(2 ** 31) if draw else None
-    return _int(values, 'seed', None, 0, MAX_SEED)
+    seed = _int(values, 'seed', None, 0, MAX_SEED)
+    if seed + n_videos - 1 > MAX_SEED:
+        raise ValueError(f'seed={seed} with {n_videos} videos would use seeds up to {seed + n_videos - 1}, '
+                         f'past the largest, {MAX_SEED}: choose a seed of at most {MAX_SEED - n_videos + 1}')
+    return seed
 
 
 def _latents(latents, n_videos: int, config: ModelConfig, r: dict):
@@ -280,6 +282,11 @@ def _latents(latents, n_videos: int, config: ModelConfig, r: dict):
         return None
     if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
         raise TypeError(f'latents must be a floating-point torch.Tensor, not {type(latents).__name__}')
+    if latents.layout != torch.strided:
+        raise TypeError(f'latents must be a dense tensor, not one of layout {latents.layout}')
+    if latents.device.type == 'meta':
+        raise ValueError('latents are on the meta device, which holds shapes but no values: pass the starting '
+                         'noise on the CPU or a GPU')
     cell = config.autoencoder.downsample
     expected = (n_videos, config.unet.in_dim, r['num_frames'], r['height'] // cell, r['width'] // cell)
     if tuple(latents.shape) != expected:
@@ -292,14 +299,24 @@ def _latents(latents, n_videos: int, config: ModelConfig, r: dict):
     return latents
 
 
-def _output_video(path, output_type: str):
+def _output_video(path, output_type: str, n_videos: int):
     if path is None:
         return None
     if output_type != 'video':
         raise ValueError(f"output_video={path!r} is given but output_type={output_type!r}; "
                          "files are written for output_type='video'")
     try:
-        video_io.validate_output_path(path)
+        video_io.validate_output_name(path)
+        for numbered in numbered_paths(path, n_videos):   # each file the request writes
+            video_io.validate_output_path(numbered)
         return path   # as given: a relative or pathlib.Path value comes back unchanged
     except (TypeError, ValueError) as error:  # video_io's message, prefixed with the option's name
         raise type(error)(f'output_video={path!r}: {error}') from None
+
+
+def numbered_paths(output_video, n: int) -> list:
+    """The files of n videos written to output_video: the path itself for one, else NAME-0.EXT, NAME-1.EXT..."""
+    if n == 1:
+        return [os.fspath(output_video)]
+    stem, ext = os.path.splitext(os.fspath(output_video))
+    return [f'{stem}-{i}{ext}' for i in range(n)]

@@ -26,7 +26,7 @@ from .half_cache import HALF_DTYPES, load_networks_cached
 from .models.autoencoder import AutoencoderKL
 from .models.text_encoder import OpenCLIPTextEncoder
 from .models.unet3d import UNet3D
-from .request import GenerationCancelled, GenerationRequest, NonFiniteError
+from .request import GenerationCancelled, GenerationRequest, NonFiniteError, numbered_paths
 from .sampling import denoise, guided, reschedule_noise
 from .schedulers import draws_step_noise, make_scheduler
 
@@ -140,9 +140,9 @@ class TextToVideo:
         n = self.config.text.context_length
         for prompt in prompts:
             count = tokenizer.count_tokens(prompt)
-            if count > n:
-                logger.warning('prompt of %d tokens truncated to the text encoder\'s %d: %r',
-                               count, n, prompt)
+            if count > n:   # the prompt's start names it: a log line per request, not a copy of the prompt
+                shown = repr(prompt) if len(prompt) <= 80 else f'{prompt[:60]!r}... ({len(prompt)} characters)'
+                logger.warning('prompt of %d tokens truncated to the text encoder\'s %d: %s', count, n, shown)
         tokens = tokenizer.tokenize(list(prompts), context_length=n).to(self.device)
         with self.on_device(self.text_encoder) as text_encoder:
             return text_encoder(tokens).clone()   # compiled with CUDA graphs, the output is the graph's, reused
@@ -158,6 +158,12 @@ class TextToVideo:
             yield module
         finally:
             module.to('cpu')
+
+    def decode_chunk_frames(self, request: GenerationRequest) -> Optional[int]:
+        """Frames the autoencoder decodes at once for `request`: its own choice, else per device (None: all)."""
+        if request.decode_chunk_frames is not None or self.device.type != 'cuda':
+            return request.decode_chunk_frames
+        return LOW_MEMORY_DECODE_CHUNK_FRAMES if self.low_memory else CUDA_DECODE_CHUNK_FRAMES
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk_frames: Optional[int] = None) -> torch.Tensor:
@@ -253,7 +259,8 @@ class TextToVideo:
     def __call__(self, request: GenerationRequest) -> GenerationResult:
         """Generate the videos of a checked request; safe from several threads (steps 2-5 hold
         generating(), so calls run one at a time; writing the files does not hold it)."""
-        # 1. inputs were checked by parse_request; one row per video from here on
+        # 1. inputs were checked by parse_request, the memory they need here; one row per video from here on
+        check_memory(self.config, request, self.device, self.dtype, self.decode_chunk_frames(request))
         per_video = request.num_videos_per_prompt
         prompts = [p for p in request.prompts for _ in range(per_video)]
         negatives = [p for p in request.negative_prompts for _ in range(per_video)]
@@ -317,6 +324,72 @@ class TextToVideo:
         }
 
 
+def activation_bytes(config: config_lib.ModelConfig, request: GenerationRequest, dtype: torch.dtype,
+                     chunk_frames: Optional[int]) -> int:
+    """A lower bound of the memory a generation needs besides the weights: what must be held at once.
+
+    Derived from the networks' forward passes (b = bytes per element of dtype, A = (h/8)(w/8) latent cells):
+    - the UNet, once per step for all texts: rows = texts x videos x frames. Its forward keeps every input
+      block's output until the output block that reads it (UNet3D.forward's skips): the sum over those
+      blocks of width x cells, 1620 x A for the real model (320 x A three times at full size, then
+      320/4 + 1280/4 + 640/16 + 2560/16 + 1280/64 + 2560/64). While they are held, the first spatial
+      transformer's GEGLU projects each cell to 2 x 4 x width = 8 x 320 channels (where that level has
+      attention). So: rows x A x b x (skip channels + 8 x dim).
+    - the decoder, per chunk of c frames of H x W pixels: at full size its first ResnetBlock holds its
+      input (the upsampled width w1 of the level below, 256 for the real model), that input normalised and
+      passed through SiLU (w1) and the conv's output (w0 = 128): c x H x W x b x (2 w1 + w0). The decoded
+      frames, (n f) x 3 x H x W x b, are held beside it.
+    - the latents: each text's noise prediction, rows x 4 x A x b, beside the float32 starting noise.
+    Caches, workspaces, attention and the weights come on top. For the real model at 256x256, 16 frames in
+    float16 this gives 0.26 GiB for the UNet and 0.31 GiB for a decode in chunks of 4 frames (1.25 GiB for
+    all 16 at once), where docs/benchmarks.md measures 0.53 and 1.46 GiB for the compiled decoder alone, and
+    4.03 GiB for a whole eager generation over 3.45 GiB of weights.
+    """
+    unet, autoencoder = config.unet, config.autoencoder
+    b = torch.finfo(dtype).bits // 8
+    cells = (request.height // autoencoder.downsample) * (request.width // autoencoder.downsample)
+    videos_frames = request.num_videos * request.num_frames
+    rows = (2 if request.guidance_scale > 1.0 else 1) * videos_frames
+    # skip channels in units of the full-size cells, level by level as UNet3D builds its input blocks
+    skips, area, width = unet.dim, 1.0, unet.dim
+    for level, mult in enumerate(unet.dim_mult):
+        width = unet.dim * mult
+        skips += unet.res_blocks * width * area
+        if level != len(unet.dim_mult) - 1:
+            area /= 4
+            skips += width * area
+    geglu = 8 * unet.dim if 1.0 in unet.attn_scales else 0
+    denoise = rows * cells * b * (skips + geglu)
+    widths = [autoencoder.ch * m for m in autoencoder.ch_mult]
+    pixels = request.height * request.width
+    chunk = min(chunk_frames or videos_frames, videos_frames)
+    decode = chunk * pixels * b * (2 * widths[min(1, len(widths) - 1)] + widths[0]) + videos_frames * 3 * pixels * b
+    latents = rows * unet.in_dim * cells * b + videos_frames * unet.in_dim * cells * 4
+    return int(max(denoise, decode) + latents)
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """What a generation can use on `device`: on CUDA the free memory plus what torch's allocator holds
+    unused; on the CPU the machine's physical memory (a request over it cannot finish without swapping)."""
+    if device.type == 'cuda':
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def check_memory(config: config_lib.ModelConfig, request: GenerationRequest, device: torch.device,
+                 dtype: torch.dtype, chunk_frames: Optional[int]) -> None:
+    """ValueError with the figures when the request needs more memory than the device has (activation_bytes),
+    before any model work: else the allocator fails minutes in, or the machine swaps."""
+    need, have = activation_bytes(config, request, dtype, chunk_frames), device_memory_bytes(device)
+    if need > have:
+        raise ValueError(
+            f'{request.num_videos} video(s) of {request.num_frames} frames of {request.width}x{request.height} '
+            f'need at least {need / 2 ** 30:.1f} GiB of {device.type} memory besides the weights; this {device.type} '
+            f'has {have / 2 ** 30:.1f} GiB. Ask for fewer frames or videos or a smaller size, or (for the decoder) '
+            'a smaller decode_chunk_frames')
+
+
 def global_seed_if_fresh() -> Optional[int]:
     """torch.initial_seed() while the global CPU generator is still where that seed put it (a draw from it
     then equals a draw after torch.manual_seed(that seed), so the seed makes the video again), else None."""
@@ -378,10 +451,7 @@ def output_paths(output_video, n: int) -> List[str]:
     """Where the n videos go: the given path (name-i.ext for a batch) or new temporary files."""
     if output_video is None:
         return [video_io.temporary_video_path('.mp4') for _ in range(n)]
-    if n == 1:
-        return [os.fspath(output_video)]
-    stem, ext = os.path.splitext(os.fspath(output_video))
-    return [f'{stem}-{i}{ext}' for i in range(n)]
+    return numbered_paths(output_video, n)
 
 
 def _watched_steps(callback, sums: list):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import numbers
 import os
 import pathlib
@@ -15,6 +14,8 @@ import tempfile
 from typing import IO, Any
 
 import numpy as np
+
+from . import scratch
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,12 @@ METADATA_KEYS = ('title', 'comment', 'description', 'artist', 'date', 'copyright
 # write_video's quality is a CRF (lower is better, larger files): default and valid range; ignored for GIF.
 DEFAULT_QUALITY = {**dict.fromkeys(H264_MUXERS, 18), '.webm': 30}
 QUALITY_RANGE = {**dict.fromkeys(H264_MUXERS, (0, 51)), '.webm': (0, 63)}
+# Frame rates every container writes exactly: a GIF frame lasts at most 655.35 s, and below about 1e-5 fps
+# MP4's muxer refuses the frame duration (ffmpeg parses no rate at all from 1e-300).
+FPS_RANGE = (0.01, 240.0)
+# write_video's temporary file beside the target: '.NAME.partial-XXXXXXXX.EXT', 18 bytes longer than NAME.EXT
+PARTIAL_RE = re.compile(r'\..*\.partial-[0-9a-f]{8}\.(?:mp4|mkv|mov|webm|gif)', re.IGNORECASE | re.DOTALL)
+PARTIAL_EXTRA_BYTES = len('..partial-') + 8
 # Containers encoded as yuv420p, whose half-resolution chroma needs even width and height.
 _EVEN_SIZE = (*H264_MUXERS, '.webm')
 _STREAM_RE = re.compile(
@@ -43,21 +50,65 @@ def _ffmpeg() -> str:
 
 
 def validate_output_path(path: str | os.PathLike) -> pathlib.Path:
-    """Check that path has a supported extension and an existing parent folder; cheap, before any model work."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f'output path must be a str or os.PathLike, got {type(path).__name__}: {path!r}')
-    target = pathlib.Path(path)
-    if target.suffix.lower() not in CONTAINERS:
-        raise ValueError(f'output path {str(path)!r} has extension {target.suffix!r}; supported: {", ".join(CONTAINERS)}')
-    if not target.parent.is_dir():
-        raise ValueError(f'output path {str(path)!r}: folder {str(target.parent)!r} does not exist')
+    """Check, before any model work, what can fail in writing path: its type, NUL characters, extension, name
+    length (with the temporary name's), an existing and writable parent folder, no folder in its place."""
+    target = validate_output_name(path)
+    folder = target.parent
+    if not folder.is_dir():
+        raise ValueError(f'output path {str(path)!r}: folder {str(folder)!r} does not exist')
+    check_name_length(target.name, folder, PARTIAL_EXTRA_BYTES)   # before is_dir(), which a long name fails
     if target.is_dir():
         raise ValueError(f'output path {str(path)!r} is a folder, not a file name')
+    try:
+        check_writable(folder)
+    except ValueError as error:
+        raise ValueError(f'output path {str(path)!r}: {error}') from None
     return target
 
 
+def check_writable(folder: str | os.PathLike) -> None:
+    """Raise ValueError unless a file can be created in `folder`. A file is made and removed at once (unnamed
+    where the system can): the one sure test, as root passes os.access() on a read-only mode."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f'folder {str(folder)!r} is not writable ({error.strerror})') from None
+
+
+def validate_output_name(path: str | os.PathLike) -> pathlib.Path:
+    """The checks of validate_output_path that need no folder: type, NUL characters and extension."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f'output path must be a str or os.PathLike, got {type(path).__name__}: {path!r}')
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise TypeError(f'output path must be a str or os.PathLike of a str, got {text!r}')
+    if '\0' in text:
+        raise ValueError(f'output path {text!r} holds a NUL character, which no file name may hold')
+    target = pathlib.Path(text)
+    if target.suffix.lower() not in CONTAINERS:
+        raise ValueError(f'output path {text!r} has extension {target.suffix!r}; supported: {", ".join(CONTAINERS)}')
+    return target
+
+
+def check_name_length(name: str, folder: str | os.PathLike, extra_bytes: int = 0) -> None:
+    """Raise ValueError when `name`, plus `extra_bytes` for a temporary name made of it, is longer than the
+    file system of `folder` (an existing folder) takes (PC_NAME_MAX; 255 bytes on Linux's)."""
+    try:
+        limit = os.pathconf(folder, 'PC_NAME_MAX')
+    except (OSError, ValueError):
+        limit = 255   # the common limit, where the system does not say
+    size = len(os.fsencode(name))
+    if size + extra_bytes > limit:
+        raise ValueError(f'file name {name[:40]!r}... is {size} bytes long; the file system of {str(folder)!r} '
+                         f'takes names of up to {limit} bytes'
+                         + (f', and the temporary name adds {extra_bytes}: at most {limit - extra_bytes}'
+                            if extra_bytes else ''))
+
+
 def temporary_video_path(suffix: str = '.mp4') -> str:
-    """A fresh, not yet existing path in the system temp folder (ModelScope pipelines return a new mp4 there)."""
+    """A fresh, not yet existing path in the system temp folder (ModelScope pipelines return a new mp4 there);
+    the file written there belongs to whoever asked for it: the pipeline's caller (README, Guarantees)."""
     if suffix not in CONTAINERS:
         raise ValueError(f'suffix {suffix!r} is not supported; choose one of {", ".join(CONTAINERS)}')
     return os.path.join(tempfile.gettempdir(), f'modelscope_t2v-{secrets.token_hex(8)}{suffix}')
@@ -80,7 +131,9 @@ def write_video(
     # 2. yuv420p needs even sizes: repeat the last column / row once, so 65x63 frames give a 66x64 video
     if ext in _EVEN_SIZE:
         frames = _pad_to_even(frames)
-    # 3. encode into a visibly temporary file beside the target, then swap it in
+    # 3. encode into a visibly temporary file beside the target, then swap it in (replacing an existing
+    #    file); first remove what writers killed before left in the folder (scratch.py)
+    scratch.remove_stale(target.parent, PARTIAL_RE, once=True)
     tmp = target.with_name(f'.{target.stem}.partial-{secrets.token_hex(4)}{target.suffix}')
     f, h, w, _ = frames.shape
     cmd = [
@@ -92,7 +145,7 @@ def write_video(
         _run_encoder(cmd, frames)
         os.replace(tmp, target)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        scratch.remove_quietly(tmp)   # never raises: the error to see is the one being handled
         raise
     logger.info('wrote %s: %d frames %dx%d at %g fps', target, f, w, h, fps)
     return os.fspath(target)
@@ -110,11 +163,12 @@ def _check_frames(frames: Any) -> np.ndarray:
 
 
 def _check_fps(fps: Any) -> float:
-    """Return fps as a float if it is a finite positive number; raise otherwise."""
+    """Return fps as a float if it is a number in FPS_RANGE; raise otherwise."""
+    low, high = FPS_RANGE
     if isinstance(fps, bool) or not isinstance(fps, numbers.Real):
-        raise TypeError(f'fps must be a number, got {type(fps).__name__}: {fps!r}')
-    if not (math.isfinite(fps) and fps > 0):
-        raise ValueError(f'fps must be a finite number > 0, got {fps!r}')
+        raise TypeError(f'fps must be a number in [{low}, {high}], got {type(fps).__name__}: {fps!r}')
+    if not low <= fps <= high:   # False for NaN too
+        raise ValueError(f'fps must be in [{low}, {high}], got {fps!r}')
     return float(fps)
 
 

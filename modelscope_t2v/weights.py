@@ -172,6 +172,9 @@ def load_strict(module: nn.Module, state_dict: StateDict, path) -> nn.Module:
     unexpected = [k for k in state_dict if k not in expected]
     wrong = [f'{k}: file {tuple(state_dict[k].shape)} != model {tuple(v.shape)}'
              for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    # an integer tensor would be assigned as it is and fail in the first layer that multiplies it
+    kinds = [f'{k}: {state_dict[k].dtype}' for k, v in expected.items()
+             if k in state_dict and v.is_floating_point() and not state_dict[k].is_floating_point()]
     problems = []
     if missing:
         problems.append(f'{len(missing)} missing keys, e.g. {_first(missing)}')
@@ -179,6 +182,8 @@ def load_strict(module: nn.Module, state_dict: StateDict, path) -> nn.Module:
         problems.append(f'{len(unexpected)} unexpected keys, e.g. {_first(unexpected)}')
     if wrong:
         problems.append(f'{len(wrong)} shape mismatches, e.g. {wrong[:MAX_KEYS_SHOWN]}')
+    if kinds:
+        problems.append(f'{len(kinds)} tensors that are not floating point, e.g. {kinds[:MAX_KEYS_SHOWN]}')
     if problems:
         raise CheckpointError(f'checkpoint {path} does not fit {type(module).__name__}: '
                               + '; '.join(problems)

@@ -127,3 +127,48 @@ def test_torchrun_two_ranks_share_the_lines(tiny_model_dir, tmp_path):
     assert [e['line'] for e in merged] == [1, 2, 3, 4]
     assert [e['parameters']['seed'] for e in merged] == [1, 2, 3, 4]
     assert [probe_video(out / f'{n:05d}.mp4')['frames'] for n in range(1, 5)] == [2, 2, 2, 2]
+
+
+def test_outputs_are_checked_without_writing_anything(tmp_path):
+    """Each rejected line is found while reading the file, and reading writes nothing: no folder of a
+    rejected line (nor of an accepted one: those are made with their video)."""
+    from modelscope_t2v.config import TINY
+    out, elsewhere = tmp_path / 'out', tmp_path / 'elsewhere'
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / 'link').symlink_to(elsewhere)
+    (out / 'taken.mp4').mkdir()
+    (out / 'file').write_bytes(b'')
+    lines = [{'text': 'a', 'output': 'link/escape.mp4'},        # a symlinked sub-folder leads outside --out
+             {'text': 'b', 'output': 'new/sub/nul\0.mp4'},
+             {'text': 'c', 'output': 'taken.mp4'},               # a folder in the way
+             {'text': 'd', 'output': 'new/' + 'x' * 240 + '.mp4'},   # 244 bytes + 18 of the temporary name
+             {'text': 'e', 'output': 'x' * 256 + '/a.mp4'},
+             {'text': 'f', 'output': 'file/a.mp4'},
+             {'text': 'g', 'output': 'rejected/a.mp4', 'height': 250},
+             {'text': 'h', 'output': 'made/later/a.mp4'},
+             {'text': 'i', 'output': 'link/../inside.mp4'}]    # normalised: inside --out
+    items, bad = batch.read_items(write_lines(tmp_path / 'prompts.jsonl', lines), str(out), TINY, {})
+    assert [(item.line, item.output) for item in items] == [(8, os.path.join('made', 'later', 'a.mp4')),
+                                                             (9, 'inside.mp4')]
+    reasons = dict(bad)
+    assert sorted(reasons) == [1, 2, 3, 4, 5, 6, 7]
+    assert f"would be written in '{elsewhere}', outside --out" in reasons[1]
+    assert 'holds a NUL character' in reasons[2]
+    assert "taken.mp4' is a folder, not a file name" in reasons[3]
+    assert 'is 244 bytes long; the file system of' in reasons[4] and 'at most 237' in reasons[4]
+    assert 'is 256 bytes long; the file system of' in reasons[5]
+    assert "file' is a file, not a folder" in reasons[6]
+    assert 'height=250 is not a multiple of 8' in reasons[7]
+    assert sorted(os.listdir(out)) == ['file', 'link', 'taken.mp4'] and os.listdir(elsewhere) == []
+
+
+def test_a_stale_manifest_partial_of_a_killed_run_is_removed(tmp_path):
+    import time
+    stale, fresh = tmp_path / 'manifest.jsonl.partial-4242', tmp_path / 'manifest.jsonl.partial-4343'
+    for path, age in ((stale, 7200), (fresh, 60)):
+        path.write_text('{"line": 1')
+        os.utime(path, (time.time() - age, time.time() - age))
+    batch.append_entry(str(tmp_path / 'manifest.rank0.jsonl'), {'line': 1, 'finished_at': 1.0})
+    assert list(batch.merge_manifests(str(tmp_path), remove_rank_files=True)) == [1]
+    assert sorted(os.listdir(tmp_path)) == ['manifest.jsonl', 'manifest.jsonl.partial-4343']

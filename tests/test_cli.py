@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -71,3 +73,23 @@ def test_resolve_model_dir(tiny_model_dir, tmp_path):
         resolve_model_dir('./missing/model/dir')
     with pytest.raises(ValueError, match="hub='elsewhere'"):
         resolve_model_dir('owner/name', hub='elsewhere')
+
+
+@pytest.mark.parametrize('command', [['modelscope_t2v', 'a prompt'], ['modelscope_t2v.batch', 'prompts.jsonl',
+                                                                       '--out', 'videos']], ids=['generate', 'batch'])
+def test_ctrl_c_during_start_up_exits_130_with_one_line(command, tiny_model_dir, tmp_path):
+    """SIGINT 1 s after the start, while the package imports torch and ModelScope (7 s on the 2-core CPU)."""
+    process = subprocess.Popen([sys.executable, '-m', *command, '--model', tiny_model_dir, '--device', 'cpu'],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    time.sleep(1)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert (process.returncode, out, err) == (130, '', 'modelscope-t2v: interrupted\n')
+
+
+def test_bad_device_is_a_user_error(tiny_model_dir):
+    result = run_cli('a prompt', '--model', tiny_model_dir, '--device', 'bogus')
+    assert result.returncode == 2
+    assert result.stderr == ("modelscope-t2v: error: device='bogus' is not one of cpu, gpu, cuda, gpu:N, cuda:N "
+                             '(N: the index of a GPU)\n')

@@ -41,3 +41,30 @@ def test_bad_values_are_named():
         config_lib.from_dict(raw)
     with pytest.raises(FileNotFoundError, match='configuration.json'):
         config_lib.load('/nonexistent-model-dir')
+
+
+@pytest.mark.parametrize('name, inside', [
+    ('text2video_pytorch_model.pth', True), ('weights/unet.pth', True), ('../unet.pth', False),
+    ('a/../../unet.pth', False), ('/abs/unet.pth', False), ('..\\unet.pth', False), ('a\0b.pth', False),
+    ('C:unet.pth', False)])
+def test_checkpoint_names_stay_inside_the_model_folder(name, inside):
+    raw = config_lib.configuration_json(config_lib.TINY, 'original')
+    raw['model']['model_args']['ckpt_unet'] = name
+    if inside:
+        assert config_lib.from_dict(raw).ckpt_unet == name
+        return
+    with pytest.raises(ValueError, match=r"model_args\.ckpt_unet=.* must name a file inside the model folder"):
+        config_lib.from_dict(raw)
+
+
+def test_every_field_is_checked_however_the_config_is_made():
+    """The diffusers layout and replace() build the dataclasses directly: the same checks, by field name."""
+    with pytest.raises(ValueError, match=r'^dim_mult=\(\) must be a non-empty list'):
+        config_lib.replace(config_lib.TINY.unet, dim_mult=())
+    with pytest.raises(ValueError, match=r"^the UNet's in_dim=4 and out_dim=4 must equal the autoencoder's "
+                                         r'z_channels=8'):
+        config_lib.replace(config_lib.TINY, autoencoder=config_lib.replace(config_lib.TINY.autoencoder, z_channels=8))
+    with pytest.raises(ValueError, match=r'^max_frames=1025 must be at most 1024'):
+        config_lib.replace(config_lib.TINY, max_frames=1025)
+    with pytest.raises(ValueError, match=r'^vocab_size=1000 must be at least 49408'):
+        config_lib.TextEncoderConfig(vocab_size=1000)

@@ -13,7 +13,7 @@ from modelscope_t2v import GenerationCancelled, parse_request
 from modelscope_t2v.config import FULL
 from modelscope_t2v.sampling import denoise
 from modelscope_t2v.schedulers import SAMPLERS, make_scheduler
-from modelscope_t2v.text_to_video import to_uint8_frames
+from modelscope_t2v.text_to_video import activation_bytes, to_uint8_frames
 from modelscope_t2v.video_io import probe_video
 
 PROMPT = 'a panda playing the guitar'
@@ -362,8 +362,11 @@ def test_long_prompt_warns_about_truncation(generate, caplog):
         generate(text='a short prompt', seed=1, num_inference_steps=1, output_type='latents')
         assert not [r for r in caplog.records if 'truncat' in r.getMessage()]
         generate(text='a red ball ' * 40, seed=1, num_inference_steps=1, output_type='latents')
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and 'truncat' in r.getMessage()]
-    assert len(warnings) == 1 and '122 tokens' in warnings[0].getMessage()
+        generate(text='a red ball ' * 10_000, seed=1, num_inference_steps=1, output_type='latents')
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and 'truncat' in r.getMessage()]
+    assert len(warnings) == 2 and '122 tokens' in warnings[0] and '30002 tokens' in warnings[1]
+    assert warnings[1] == ("prompt of 30002 tokens truncated to the text encoder's 77: 'a red ball a red ball a red "
+                           "ball a red ball a red ball a red'... (110000 characters)")   # 144 characters, not 110 000
 
 
 # --- through ModelScope's pipeline ----------------------------------------------------------
@@ -397,3 +400,35 @@ def test_pipeline_writes_the_requested_video(ms_pipeline, tmp_path):
     assert [p['seed'] for p in out['parameters']] == [3, 4]
     info = probe_video(out['output_video'][1])
     assert (info['codec'], info['frames'], info['fps']) == ('vp9', 6, 12)
+
+
+# --- memory ---------------------------------------------------------------------------------
+
+def test_activation_estimate_of_the_real_model():
+    """text_to_video.activation_bytes, 256x256, 16 frames, float16, guidance on, 4-frame decode chunks:
+    the decoder's chunk is the larger part (the figures of its docstring)."""
+    request = parse_request('a cat', FULL, seed=1)
+    unet = 2 * 16 * 32 * 32 * 2 * (1620 + 8 * 320)                  # rows x cells x bytes x channels: 0.26 GiB
+    decode = 4 * 256 * 256 * 2 * (2 * 256 + 128) + 16 * 3 * 256 * 256 * 2   # chunk, then the decoded frames
+    latents = 2 * 16 * 4 * 32 * 32 * 2 + 16 * 4 * 32 * 32 * 4
+    assert unet == 273_940_480 and decode == 341_835_776
+    assert activation_bytes(FULL, request, torch.float16, 4) == max(unet, decode) + latents == 342_360_064
+
+
+def test_a_request_the_device_cannot_hold_is_refused_before_any_model_work(tiny_engine, monkeypatch):
+    """4096x4096, 1024 frames on the CPU: refused with the figures, not by the allocator (or the swap) minutes
+    in. On the tiny model at 512x512, 8 frames (1 step, float32) the estimate is 794 MiB and the process's
+    peak resident memory grows by 1608 MiB (ru_maxrss): the estimate is a lower bound."""
+    encoded = []
+    monkeypatch.setattr(tiny_engine, 'encode_prompts', lambda *args: encoded.append(args))
+    request = parse_request('a cat', tiny_engine.config, height=4096, width=4096, num_frames=1024)
+    need = activation_bytes(tiny_engine.config, request, torch.float32, None)
+    decode = 1024 * 4096 * 4096 * 4 * (2 * 32 + 32) + 1024 * 3 * 4096 * 4096 * 4   # all frames at once on the CPU
+    latents = 2 * 1024 * 4 * 512 * 512 * 4 + 1024 * 4 * 512 * 512 * 4
+    assert need == decode + latents == 6_816_113_098_752   # 6.2 TiB
+    with pytest.raises(ValueError, match=r'^1 video\(s\) of 1024 frames of 4096x4096 need at least 6348\.0 GiB of '
+                                         r'cpu memory besides the weights; this cpu has [\d.]+ GiB\. Ask for fewer'):
+        tiny_engine(request)
+    assert encoded == []
+    small = parse_request('a cat', tiny_engine.config, height=512, width=512, num_frames=8, num_inference_steps=1)
+    assert activation_bytes(tiny_engine.config, small, torch.float32, None) / 2 ** 20 == pytest.approx(793.5)

@@ -26,7 +26,13 @@ GENERATE_TIMEOUT_S = 240  # 16 frames of 256x256, 2 steps on the tiny model: 10-
 
 
 @pytest.fixture(scope='module')
-def demo_url(tiny_model_dir, tmp_path_factory):
+def demo_folders(tmp_path_factory):
+    """The demo's temp folder ($TMPDIR) and Gradio's cache ($GRADIO_TEMP_DIR, else inside the temp folder)."""
+    return tmp_path_factory.mktemp('demo-tmp'), tmp_path_factory.mktemp('gradio-cache')
+
+
+@pytest.fixture(scope='module')
+def demo_url(tiny_model_dir, tmp_path_factory, demo_folders):
     """demo/app.py on 127.0.0.1 at a free port, its model dir given as a Studio deployment would."""
     try:
         import gradio  # noqa: F401
@@ -35,7 +41,7 @@ def demo_url(tiny_model_dir, tmp_path_factory):
     port = _free_port()
     log_path = tmp_path_factory.mktemp('demo') / 'app.log'
     env = {**os.environ, 'MODELSCOPE_T2V_MODEL': tiny_model_dir, 'GRADIO_ANALYTICS_ENABLED': 'False',
-           'HF_HUB_OFFLINE': '1'}
+           'HF_HUB_OFFLINE': '1', 'TMPDIR': str(demo_folders[0]), 'GRADIO_TEMP_DIR': str(demo_folders[1])}
     with open(log_path, 'w') as log:
         process = subprocess.Popen([sys.executable, str(APP), '--device', 'cpu', '--host', '127.0.0.1',
                                     '--port', str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -122,6 +128,33 @@ def test_invalid_input_shows_a_readable_error(page, tmp_path, capsys):
     screenshot = _screenshot(page, tmp_path / 'demo-error.png')
     with capsys.disabled():
         print(f'\ndemo error screenshot: {screenshot}')
+
+
+def test_requests_leave_no_file_in_the_temp_folder(page, demo_folders):
+    """The pipeline's mp4 in the temp folder is the demo's to delete, once Gradio has copied it into its cache:
+    after each of 3 requests the demo's temp folder is empty, and the cache holds one copy per video."""
+    temp, cache = demo_folders
+    served_before = _files(cache)
+    page.locator('#steps input[type=number]').fill('1')
+    page.locator('#steps input[type=number]').press('Tab')
+    page.locator('#frames input[type=number]').fill('2')
+    page.locator('#frames input[type=number]').press('Tab')
+    page.locator('#prompt textarea').fill('A red kite over the sea.')
+    for seed in (101, 102, 103):
+        page.locator('#seed input').fill(str(seed))
+        page.locator('#generate').click()
+        page.get_by_text(f'"seed": {seed}').wait_for(timeout=GENERATE_TIMEOUT_S * 1000)
+        deadline = time.monotonic() + 30   # the generator resumes, and removes the file, after the video is sent
+        while _files(temp) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _files(temp) == [], seed
+    served = [path for path in _files(cache) if path not in served_before and path.endswith('.mp4')]
+    assert len(served) == 3 and all(os.path.basename(path).startswith('modelscope_t2v-') for path in served)
+
+
+def _files(folder: Path) -> list:
+    """Every file under folder, as paths relative to it."""
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob('*') if path.is_file())
 
 
 def _screenshot(page, path: Path) -> Path:

@@ -3,6 +3,7 @@
 import logging
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -107,10 +108,14 @@ def test_files_hold_only_the_networks_keys(tiny_model_dir, config, originals, tm
     assert 2 * n_values < size < 2 * n_values + 200_000  # 2 bytes a value plus the JSON headers
 
 
-def test_touching_a_source_file_gives_a_new_folder_and_a_rebuild(model_dir, config, tmp_path, count_builds):
+def test_touching_a_source_file_gives_a_new_folder_a_rebuild_and_removes_the_old(model_dir, config, tmp_path,
+                                                                                    count_builds):
+    """The superseded cache (same sources, same dtype) goes when its successor is written; others stay."""
     cache = tmp_path / 'cache'
     load_networks_cached(open_folder(str(model_dir)), torch.float16, cache_dir=str(cache))
-    [old] = _folders(cache)
+    load_networks_cached(open_folder(str(model_dir)), torch.bfloat16, cache_dir=str(cache))   # another dtype
+    [old] = [name for name in _folders(cache) if '-float16-' in name]
+    [bfloat16] = [name for name in _folders(cache) if '-bfloat16-' in name]
 
     # rewrite the UNet with one tensor doubled, then give it a new mtime
     unet_path = model_dir / config.ckpt_unet
@@ -122,13 +127,14 @@ def test_touching_a_source_file_gives_a_new_folder_and_a_rebuild(model_dir, conf
     os.utime(unet_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
 
     networks = load_networks_cached(open_folder(str(model_dir)), torch.float16, cache_dir=str(cache))
-    assert len(count_builds) == 2
-    assert len(_folders(cache)) == 2 and old in _folders(cache)
+    assert len(count_builds) == 3
+    [new] = [name for name in _folders(cache) if '-float16-' in name]
+    assert new != old and _folders(cache) == sorted([new, bfloat16])
     assert torch.equal(networks[1].state_dict()[name], state[name].to(torch.float16))
 
     os.utime(unet_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2_000_000_000))  # a touch alone
     load_networks_cached(open_folder(str(model_dir)), torch.float16, cache_dir=str(cache))
-    assert len(count_builds) == 3 and len(_folders(cache)) == 3
+    assert len(count_builds) == 4 and len(_folders(cache)) == 2 and new not in _folders(cache)
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.int8])
@@ -303,3 +309,21 @@ def test_source_sample_reads_16_blocks_first_and_last_included(tmp_path):
     assert [changed_at(o) for o in (0, (64 << 20) - 1, 7 * stride + 5, 7 * stride + (1 << 20) + 5)] == [
         True, True, True, False]
     assert half_cache._source_sample(str(tmp_path / 'missing.pth')) is None
+
+
+def test_stale_temporary_folders_of_killed_writers_are_removed_at_the_next_write(tiny_model_dir, tmp_path):
+    """A writer killed while writing leaves '.NAME.tmp-XXXXXXXX'; the next cache write into the root removes
+    those unmodified for an hour (scratch.STALE_AFTER_S), and keeps a younger one: it may be a live writer's."""
+    now = time.time()
+    ages = {'.tiny-original-float16-0123456789abcdef.tmp-k1ll3d_a': 7200,   # killed two hours ago
+            '.other-model-float16-fedcba9876543210.tmp-xyz_0123': 3700,
+            '.tiny-original-float16-0123456789abcdef.tmp-writing1': 30}   # being written now, elsewhere
+    for name, age in ages.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / 'unet.safetensors').write_bytes(b'half a tensor')
+        for path in (tmp_path / name / 'unet.safetensors', tmp_path / name):
+            os.utime(path, (now - age, now - age))
+    load_networks_cached(open_folder(tiny_model_dir), torch.float16, cache_dir=str(tmp_path))
+    left = _folders(tmp_path)
+    assert len(left) == 2 and '.tiny-original-float16-0123456789abcdef.tmp-writing1' in left
+    assert '-float16-' in [name for name in left if not name.startswith('.')][0]   # the new cache

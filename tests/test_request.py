@@ -30,7 +30,8 @@ BAD = [
     ({'guidance_scale': math.nan}, ValueError, r'guidance_scale=nan is outside the valid range \[0\.0, 100\.0\]'),
     ({'guidance_scale': 'x'}, TypeError, r"guidance_scale must be a number in \[0\.0, 100\.0\], not 'x'"),
     ({'guidance_scale': -1}, ValueError, r'guidance_scale=-1\.0 is outside the valid range \[0\.0, 100\.0\]'),
-    ({'fps': 0}, ValueError, r'fps=0\.0 is outside the valid range \(0\.0, 240\.0\]'),
+    ({'fps': 0}, ValueError, r'fps=0\.0 is outside the valid range \[0\.01, 240\.0\]'),
+    ({'fps': 1e-300}, ValueError, r'fps=1e-300 is outside the valid range \[0\.01, 240\.0\]'),
     ({'eta': 2}, ValueError, r'eta=2\.0 is outside the valid range \[0\.0, 1\.0\]'),
     ({'sampler': 'dpm'}, ValueError,
      r"sampler='dpm' is unknown; choose one of \['ddim', 'dpm\+\+2m', .*'unipc'\]"),
@@ -49,6 +50,9 @@ BAD = [
     ({'output_type': 'gif'}, ValueError, r"output_type='gif' is not one of \['video', 'frames', 'latents'\]"),
     ({'stepz': 20}, ValueError, r"unknown generation options \['stepz'\]; valid ones are \[.*'num_inference_steps'"),
     ({'seed': -1}, ValueError, r'seed=-1 is outside the valid range 0\.\.9223372036854775807'),
+    ({'seed': 2 ** 63 - 2, 'num_videos_per_prompt': 3}, ValueError,
+     r'seed=9223372036854775806 with 3 videos would use seeds up to 9223372036854775808, past the largest, '
+     r'9223372036854775807: choose a seed of at most 9223372036854775805'),
     ({'seed': 1.5}, TypeError, r'seed must be an integer in 0\.\.9223372036854775807, not 1\.5'),
     ({'seed': True}, TypeError, r'seed must be an integer in 0\.\.9223372036854775807, not True'),
     ({'num_frames': True}, TypeError, r'num_frames must be an integer in 1\.\.1024, not True'),
@@ -60,19 +64,30 @@ BAD = [
      r'latents have shape \(1, 4, 16, 32, 31\); this request needs \(1, 4, 16, 32, 32\)'),
     ({'text': ['a', 'b'], 'latents': torch.zeros(1, 4, 16, 32, 32)}, ValueError,
      r'latents have shape \(1, 4, 16, 32, 32\); this request needs \(2, 4, 16, 32, 32\)'),
+    ({'latents': torch.zeros(1, 4, 16, 32, 32, device='meta')}, ValueError,
+     r'latents are on the meta device, which holds shapes but no values'),
+    ({'latents': torch.zeros(1, 4, 16, 32, 32).to_sparse()}, TypeError,
+     r'latents must be a dense tensor, not one of layout torch\.sparse_coo'),
+    ({'output_video': '{tmp}/a\0b.mp4'}, ValueError, r"output_video=.*: output path .* holds a NUL character"),
+    ({'output_video': '{tmp}/' + 'a' * 300 + '.mp4'}, ValueError,
+     r"output_video=.*: file name 'a+'\.\.\. is 304 bytes long; the file system of .* takes names of up to 255"),
+    ({'output_video': '{tmp}/in the way/v.mp4', 'num_videos_per_prompt': 3}, ValueError,
+     r"output_video=.*: output path .*in the way/v-1\.mp4' is a folder, not a file name"),
     ({'latents': torch.zeros(1, 4, 16, 32, 32, dtype=torch.long)}, TypeError,
      r'latents must be a floating-point torch\.Tensor'),
 ]
 
 
 def _case_id(options: dict) -> str:
-    show = lambda v: f'{v.dtype}{tuple(v.shape)}' if isinstance(v, torch.Tensor) else repr(v)  # noqa: E731
+    show = lambda v: (f'{v.dtype}{tuple(v.shape)}{v.device.type}{v.layout}' if isinstance(v, torch.Tensor)  # noqa: E731
+                      else repr(v)[:40])
     return ','.join(f'{k}={show(v)}' for k, v in options.items())
 
 
 @pytest.mark.parametrize('options, error, message', BAD, ids=[_case_id(o) for o, _, _ in BAD])
 def test_bad_value_is_refused_with_key_value_and_range(options, error, message, tmp_path):
     options = {k: v.format(tmp=tmp_path) if k == 'output_video' else v for k, v in options.items()}
+    (tmp_path / 'in the way' / 'v-1.mp4').mkdir(parents=True)   # a folder where the second video would go
     with pytest.raises(error, match=message):
         parse_request({**PROMPT, **options}, TINY)
 

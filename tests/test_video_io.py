@@ -210,3 +210,108 @@ def test_temporary_video_path():
 def test_probe_missing_file_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match='nope.mp4'):
         video_io.probe_video(tmp_path / 'nope.mp4')
+
+
+# --- what can fail is found before any encoding; temporary files always have an owner -----------------
+
+def in_unprivileged_child(check) -> str:
+    """The message of the error `check()` raises, run as user nobody in a forked child: root writes into a
+    read-only folder mode, as a user does not (only a read-only mount stops root)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: no pytest machinery from here on, only os._exit
+        os.close(read)
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            check()
+            message = 'no error'
+        except BaseException as error:  # noqa: B036  (the child reports any error, then exits)
+            message = f'{type(error).__name__}: {error}'
+        os.write(write, message.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        message = f.read()
+    os.waitpid(pid, 0)
+    return message
+
+
+def test_read_only_folder_is_refused_before_encoding():
+    folder = pathlib.Path(tempfile.mkdtemp())   # not under pytest's 0700 folder: nobody must reach it
+    try:
+        folder.chmod(0o555)
+        if os.geteuid() == 0:
+            message = in_unprivileged_child(lambda: video_io.validate_output_path(folder / 'a.mp4'))
+        else:
+            with pytest.raises(ValueError) as info:
+                video_io.validate_output_path(folder / 'a.mp4')
+            message = f'ValueError: {info.value}'
+        assert message == (f"ValueError: output path '{folder}/a.mp4': folder '{folder}' is not writable "
+                           '(Permission denied)')
+        assert os.listdir(folder) == []
+    finally:
+        folder.chmod(0o755)
+        folder.rmdir()
+
+
+def test_nul_and_over_long_names_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"holds a NUL character"):
+        video_io.validate_output_path(str(tmp_path / 'a\0b.mp4'))
+    # 255 bytes per name on this file system; the temporary name '.NAME.partial-XXXXXXXX.EXT' adds 18
+    assert os.pathconf(tmp_path, 'PC_NAME_MAX') == 255
+    video_io.validate_output_path(tmp_path / ('a' * 233 + '.mp4'))                 # 237 bytes: fits
+    with pytest.raises(ValueError, match=r'is 238 bytes long; .* up to 255 bytes, and the temporary name '
+                                         r'adds 18: at most 237'):
+        video_io.validate_output_path(tmp_path / ('a' * 234 + '.mp4'))
+    with pytest.raises(ValueError, match=r'is 304 bytes long'):
+        video_io.validate_output_path(tmp_path / ('a' * 300 + '.mp4'))
+    with pytest.raises(ValueError, match=r'is 302 bytes long'):   # bytes, not characters: é is 2 in UTF-8
+        video_io.validate_output_path(tmp_path / ('é' * 149 + '.mp4'))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('fps, ok', [(0.01, True), (240, True), (0.0099, False), (1e-300, False), (240.5, False)])
+def test_fps_range_is_what_every_container_writes(tmp_path, fps, ok):
+    """0.01 fps (a frame of 100 s) is written exactly by all five containers; 1e-300 passed the old check
+    and then made ffmpeg fail."""
+    if not ok:
+        with pytest.raises(ValueError, match=r'fps must be in \[0\.01, 240\.0\]'):
+            video_io.write_video(gradient_frames(2, 16, 16), tmp_path / 'a.mp4', fps=fps)
+        return
+    for ext in video_io.CONTAINERS:
+        probed = video_io.probe_video(video_io.write_video(gradient_frames(2, 16, 16), tmp_path / f'a{ext}',
+                                                           fps=fps))
+        assert probed['fps'] == (100.0 if ext == '.gif' and fps == 240 else fps), ext  # GIF's delays: >= 1 cs
+
+
+def test_cleanup_error_does_not_hide_the_encoder_error(tmp_path, monkeypatch, caplog):
+    """On a read-only mount unlink fails with EROFS even for a file never created: the error raised must
+    still be ffmpeg's."""
+    real_unlink = os.unlink
+
+    def read_only_unlink(path, *args, **kwargs):
+        if '.partial-' in os.fspath(path):
+            raise OSError(30, 'Read-only file system', os.fspath(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, 'unlink', read_only_unlink)
+    monkeypatch.setattr(video_io, '_codec_args', lambda ext, quality: ['-c:v', 'no_such_encoder', '-f', 'mp4'])
+    with pytest.raises(RuntimeError, match='no_such_encoder'):
+        video_io.write_video(gradient_frames(2, 16, 16), tmp_path / 'out.mp4')
+    assert 'could not remove the temporary' in caplog.text and 'Read-only file system' in caplog.text
+
+
+def test_stale_partial_files_are_removed_at_the_next_write(tmp_path):
+    """What a writer killed with SIGKILL left: removed once unmodified for an hour (scratch.STALE_AFTER_S);
+    a younger one may be a live writer's and stays, as does any name not of the pattern."""
+    hour = 3600
+    names = {'.a.partial-0123abcd.mp4': 2 * hour, '.b c.partial-89abcdef.GIF': hour + 5,
+             '.c.partial-00000000.webm': hour - 60, '.d.partial-0123abcd.txt': 2 * hour, 'e.partial-0123abcd.mp4': 2 * hour}
+    now = time.time()
+    for name, age in names.items():
+        (tmp_path / name).write_bytes(b'half a video')
+        os.utime(tmp_path / name, (now - age, now - age))
+    video_io.write_video(gradient_frames(2, 16, 16), tmp_path / 'out.mp4')
+    assert sorted(os.listdir(tmp_path)) == ['.c.partial-00000000.webm', '.d.partial-0123abcd.txt',
+                                            'e.partial-0123abcd.mp4', 'out.mp4']
