@@ -42,18 +42,33 @@ from modelscope_t2v.tools.make_random_model import write_model_dir  # noqa: E402
 from peers import PROMPT, SEED  # noqa: E402
 
 LONG_FRAMES = 64
-# --workload presets: (frames, height, width, sampler, steps); 'default' is the model card's generation
+# --workload presets: (frames, height, width, sampler, steps, strength); 'default' is the model card's generation;
+# a strength re-renders a video (video-to-video): the last strength x steps of the steps run
 WORKLOADS = {
-    'default': (16, 256, 256, 'ddim', 50),
-    'zeroscope-576w': (24, 320, 576, 'dpm++2m', 40),   # zeroscope_v2_576w's card: 576x320, 24 frames
-    'long': (256, 256, 256, 'ddim', 50),               # FreeNoise windows of 16 frames, stride 4
+    'default': (16, 256, 256, 'ddim', 50, None),
+    'zeroscope-576w': (24, 320, 576, 'dpm++2m', 40, None),   # zeroscope_v2_576w's card: 576x320, 24 frames
+    'zeroscope-xl': (24, 576, 1024, 'ddim', 50, 0.65),       # zeroscope_v2_XL re-rendering 576w's 576x320 output
+    'long': (256, 256, 256, 'ddim', 50, None),               # FreeNoise windows of 16 frames, stride 4
 }
+
+
+def kept_steps(args) -> int:
+    """UNet steps the workload runs: all of them, or the last strength x steps of a re-render."""
+    return args.steps if args.strength is None else min(int(args.steps * args.strength), args.steps)
+
+
+def source_video(args):
+    """A re-render's input: uint8 frames (f, 320, 576, 3) of the benchmark's seed, resized by the request."""
+    generator = torch.Generator().manual_seed(SEED)
+    return torch.randint(0, 256, (args.frames, 320, 576, 3), generator=generator, dtype=torch.uint8).numpy()
 
 
 def default_request(engine: TextToVideo, args, **options):
     """The workload's generation (guidance 9) of the benchmark's prompt and seed, as frames."""
     values = dict(num_frames=args.frames, height=args.height, width=args.width, sampler=args.sampler,
                   num_inference_steps=args.steps, output_type='frames')
+    if args.strength is not None:
+        values.update(init_video=source_video(args), strength=args.strength)
     return parse_request({'text': PROMPT, 'seed': SEED}, engine.config, **{**values, **options})
 
 
@@ -105,7 +120,9 @@ def bench_ours(engine: TextToVideo, args, label: str) -> dict:
     model_fn = engine.guided_unet(context, uncond, 9.0)
     engine.unet.set_temporal_window(request.temporal_window, request.temporal_stride or 1)
     scheduler = lambda: make_scheduler(args.sampler, engine.config.diffusion, args.steps)  # noqa: E731
-    run_denoise = lambda: denoise(model_fn, noise, None, scheduler(), args.steps)  # noqa: E731
+    init = None if args.strength is None else torch.zeros_like(noise)   # the values do not change the arithmetic
+    run_denoise = lambda: denoise(model_fn, noise, None, scheduler(), args.steps,  # noqa: E731
+                                  init=init, strength=args.strength or 1.0)
     latents, _ = timed(run_denoise)
     stages['denoise'] = median_time(run_denoise, args.runs)
     stages['decode'] = median_time(lambda: engine.decode(latents), args.runs)
@@ -197,7 +214,7 @@ def parse_args(argv):
     parser.add_argument('--skip', default='', help='comma list of: startup, memory, compile, fp32, builtin, diffusers')
     parser.add_argument('--compile-modes', default='reduce-overhead', help='torch.compile modes, comma separated')
     args = parser.parse_args(argv)
-    args.frames, args.height, args.width, args.sampler, args.steps = WORKLOADS[args.workload]
+    args.frames, args.height, args.width, args.sampler, args.steps, args.strength = WORKLOADS[args.workload]
     return args
 
 
@@ -220,8 +237,9 @@ def main(argv=None):
     # the eager path, and the arithmetic floor
     engine = load(args, device)
     results['ceiling_tflops'] = matmul_ceiling(device)
-    results['flops'] = count_flops(engine, args.frames, args.height, args.width)
-    results['flops']['generation'] = args.steps * 2 * results['flops']['unet_forward'] + results['flops']['decode']
+    results['flops'] = count_flops(engine, args.frames, args.height, args.width, encode=args.strength is not None)
+    results['flops']['generation'] = (kept_steps(args) * 2 * results['flops']['unet_forward']
+                                      + results['flops']['decode'] + results['flops'].get('encode', 0))
     results['floor_s'] = results['flops']['generation'] / results['ceiling_tflops']
     rows.append(bench_ours(engine, args, f'modelscope-t2v eager ({str(engine.dtype)[6:]})'))
     print(rows[-1]['label'], rows[-1]['end_to_end_s'], flush=True)

@@ -74,8 +74,8 @@ def matmul_ceiling(device, dtype=torch.float16) -> float:
     return 2 * n ** 3 / median_time(lambda: a @ b, 10) / 1e12
 
 
-def count_flops(engine, frames: int, height: int, width: int) -> dict:
-    """TFLOP of one UNet forward (batch 1) and one decode of `frames` frames of height x width."""
+def count_flops(engine, frames: int, height: int, width: int, encode: bool = False) -> dict:
+    """TFLOP of one UNet forward (batch 1) and one decode of `frames` frames of height x width (and one encode)."""
     from torch.utils.flop_counter import FlopCounterMode
     cell = engine.config.autoencoder.downsample
     x = torch.randn(1, 4, frames, height // cell, width // cell, device=engine.device, dtype=engine.dtype)
@@ -84,8 +84,13 @@ def count_flops(engine, frames: int, height: int, width: int) -> dict:
         engine.unet(x, torch.tensor([500], device=engine.device), context)
     with torch.no_grad(), FlopCounterMode(display=False) as vae_counter:
         engine.decode(x)
-    return {'unet_forward': unet_counter.get_total_flops() / 1e12,
-            'decode': vae_counter.get_total_flops() / 1e12}
+    flops = {'unet_forward': unet_counter.get_total_flops() / 1e12, 'decode': vae_counter.get_total_flops() / 1e12}
+    if encode:
+        pixels = torch.zeros(1, 3, frames, height, width, device=engine.device, dtype=engine.dtype)
+        with torch.no_grad(), FlopCounterMode(display=False) as encode_counter:
+            engine.autoencoder.encode_video(pixels, chunk_frames=1)
+        flops['encode'] = encode_counter.get_total_flops() / 1e12
+    return flops
 
 
 def psnr(a, b) -> float:

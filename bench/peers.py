@@ -94,12 +94,24 @@ def bench_diffusers(engine: TextToVideo, args) -> dict:
     noise = torch.randn(1, 4, args.frames, args.height // cell, args.width // cell,
                         generator=torch.Generator().manual_seed(SEED)).to(device, torch.float16)
 
+    pixels = None   # a re-render's frames, resized to the output size: (f, 3, h, w) in [-1, 1]
+    if args.strength is not None:
+        pixels = torch.rand(args.frames, 3, args.height, args.width, generator=torch.Generator().manual_seed(SEED))
+        pixels = (pixels * 2 - 1).to(device, torch.float16)
+
     def generate(sampler: str, steps: int):
         scheduler = make_scheduler(sampler, engine.config.diffusion)
         scheduler.set_timesteps(steps, device=device)
-        x = noise * scheduler.init_noise_sigma
+        timesteps = scheduler.timesteps
         with torch.no_grad():
-            for t in scheduler.timesteps:  # the loop of TextToVideoSDPipeline
+            if pixels is None:
+                x = noise * scheduler.init_noise_sigma
+            else:   # the start of VideoToVideoSDPipeline: encode, keep the last strength x steps, noise
+                init = vae.encode(pixels).latent_dist.mean * a.scale_factor
+                init = rearrange(init, '(b f) c h w -> b c f h w', b=1)
+                timesteps = timesteps[steps - min(int(steps * args.strength), steps):]
+                x = scheduler.add_noise(init, noise, timesteps[:1])
+            for t in timesteps:  # the loop of TextToVideoSDPipeline
                 x_in = scheduler.scale_model_input(torch.cat([x] * 2), t)
                 eps_u, eps_c = unet(x_in, t, encoder_hidden_states=context).sample.chunk(2)
                 x = scheduler.step(eps_u + 9.0 * (eps_c - eps_u), t, x).prev_sample
@@ -110,7 +122,7 @@ def bench_diffusers(engine: TextToVideo, args) -> dict:
     result = {'label': 'diffusers UNet3DConditionModel (fp16, SDPA)',
               'end_to_end_s': median_time(lambda: generate(args.sampler, args.steps), args.runs),
               'peak_gib': peak_gib(lambda: generate(args.sampler, args.steps)),
-              'note': 'denoise + decode with random weights of the same shapes; text not timed'}
+              'note': 'denoise + decode (+ encode for a re-render) with random weights of the same shapes; text not timed'}
     if args.workload == 'default':
         result['dpm++2m_25_s'] = median_time(lambda: generate('dpm++2m', 25), args.runs)
     return result
