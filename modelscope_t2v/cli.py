@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='modelscope-t2v', description='Text to video with ModelScope\'s 1.7B diffusion model.',
         epilog=f'example: {EXAMPLE}\nbatch jobs: modelscope-t2v batch --help\n'
-               'other layouts: modelscope-t2v convert --help',
+               'other layouts: modelscope-t2v convert --help\n'
+               'fine-tuning: modelscope-t2v train --help',
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('prompt', help='what the video shows, in English')
     parser.add_argument('-o', '--output', dest='output_video', default=None,
@@ -191,6 +192,11 @@ def run_convert(argv) -> int:
     return 0
 
 
+def run_train(argv) -> int:
+    from .training.run import main as train_main   # Lightning and peft load only for this command
+    return train_main(argv)
+
+
 def run_batch(argv) -> int:
     from .batch import run_batch   # imported here: it imports this module
     return run_batch(argv)
@@ -200,7 +206,7 @@ def main(argv=None) -> int:
     """The command line; everything it does runs under guarded (the package's imports before it handle a
     Ctrl-C themselves: __init__.py)."""
     argv = sys.argv[1:] if argv is None else argv
-    commands = {'batch': run_batch, 'convert': run_convert}
+    commands = {'batch': run_batch, 'convert': run_convert, 'train': run_train}
     if argv and argv[0] in commands:
         return guarded(commands[argv[0]], argv[1:])
     return guarded(run_generate, argv)
