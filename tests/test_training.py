@@ -185,7 +185,7 @@ def test_ddp_two_processes_on_the_cpu(tiny_model_dir, data_dir, tmp_path):
                           env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     last = torch.load(tmp_path / 'out' / 'checkpoints' / 'last.ckpt', weights_only=True)
-    assert (last['global_step'], last['epoch']) == (1, 0)
+    assert (last['global_step'], last['epoch']) == (1, 1)   # one step (2 clips, a batch of 1 per rank): one epoch done
     export = tmp_path / 'out' / 'exports' / 'step-000001'
     assert done.stdout.split() == [str(export)]
     assert len(read_lora(export / STABLE_LORA_FILE, TINY)) == 120
