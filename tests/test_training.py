@@ -168,6 +168,22 @@ def test_full_fine_tune_exports_an_original_folder(tiny_model_dir, data_dir, tmp
     assert torch.equal(trained['out.2.weight'], ema['unet.out.2.weight'])
 
 
+def test_options_together(tiny_model_dir, data_dir, tmp_path):
+    """LoRA on the feed-forwards and the text encoder too, gradient checkpointing, bf16 autocast, offset noise,
+    cached latents, EMA, warm-up: 2 steps run, the cache holds the clip, and both networks' LoRAs are exported."""
+    result = train(tiny_config(tiny_model_dir, tmp_path, data_dir, max_steps=2, train_text_encoder=True,
+                               lora_modules=('spatial_attention', 'temporal_attention', 'ff'), lora_alpha=8.0,
+                               gradient_checkpointing=True, precision='bf16-mixed', offset_noise_strength=0.1,
+                               cache_latents=True, ema_decay=0.9, lr_warmup_steps=1))
+    assert result.global_step == 2 and all(np.isfinite(loss) for _, loss in result.losses)
+    assert len(os.listdir(tmp_path / 'latent-cache')) == 1
+    weights = read_lora(os.path.join(result.exports[0], PEFT_FOLDER), TINY)
+    text = [n for n in weights if n.startswith('text.')]
+    assert len(weights) == 150 + len(text) and len(text) == 3 * TINY.text.used_layers
+    assert all(p.alpha == 8.0 for p in weights.values())
+    assert all(float(weights[n].up.abs().max()) > 0 for n in (text[0], 'unet.middle_block.1.transformer_blocks.0.ff.net.2'))
+
+
 def test_ddp_two_processes_on_the_cpu(tiny_model_dir, data_dir, tmp_path):
     """`modelscope-t2v train` with strategy ddp, 2 CPU processes (gloo), two clips: one epoch is one step of a
     batch per rank; rank zero exports."""

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple, Union
 
@@ -120,7 +121,9 @@ def train(config: Union[TrainConfig, dict, str, os.PathLike]) -> TrainResult:
     trainer = build_trainer(config)
 
     # 3. fit; Lightning restores the trained tensors, optimizer, schedule and loops from `resume`
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    with warnings.catch_warnings():   # the frozen autoencoder is in eval mode on purpose: Lightning warns of it
+        warnings.filterwarnings('ignore', message=r'Found \d+ module\(s\) in eval mode')
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
 
     # 4. export on rank zero
     exports = []
