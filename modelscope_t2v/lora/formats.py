@@ -197,6 +197,8 @@ def _from_stable_lora(state: dict, metadata: dict, config: ModelConfig) -> Tuple
             weights[name] = LoraPair(down=b.T, up=a.T)
         elif name in targets and len(targets[name]) == 5 and b.shape[0] * a.shape[1] == 9 * math.prod(targets[name][:2]):
             weights[name] = _temporal_conv_pair(a, b, targets[name])
+        elif name in targets and len(targets[name]) == 4 and b.shape[0] != targets[name][0]:
+            weights[name] = _conv_pair(a, b, targets[name])
         else:
             weights[name] = LoraPair(down=a, up=b)
     return weights, problems
@@ -209,6 +211,15 @@ def _stable_lora_name(stem: str, text_names: dict) -> str:
     for prefix in ('cond_stage_model.model.', 'transformer.'):
         stem = stem[len(prefix):] if stem.startswith(prefix) else stem
     return text_names.get(stem, N.UNET + stem)
+
+
+def _conv_pair(a: torch.Tensor, b: torch.Tensor, shape) -> LoraPair:
+    """loralib's Conv2d pair, A (R, in k) and B (out k, R), whose product (out k, in k) is viewed as the
+    (out, in, k, k) weight: row o of the weight is rows o k .. o k + k - 1 of the product, side by side. That is
+    the exact pair of rank k R  up = B as (out, k R),  down = k copies of A on the diagonal, as (k R, in, k, k)."""
+    out, k = shape[0], b.shape[0] // shape[0]
+    down = torch.block_diag(*[a] * k)                               # (k R, k in k)
+    return LoraPair(down=down.reshape(k * a.shape[0], *shape[1:]), up=b.reshape(out, k * a.shape[0], 1, 1))
 
 
 def _temporal_conv_pair(a: torch.Tensor, b: torch.Tensor, shape) -> LoraPair:
@@ -305,8 +316,10 @@ def write_cloneofsimo_lora(stem: str, weights: LoraWeights, config: ModelConfig 
         linear = N.unet_linear_in_diffusers(config.unet)
         tensors = []
         for name in order:
-            down, up = _diffusers_shaped(mine[name], name in linear or prefix == N.TEXT)
-            tensors += [up, down]
+            pair = mine[name]
+            folded = LoraPair(pair.down, pair.up if pair.alpha is None else pair.up * pair.scale)   # scale 1
+            down, up = _diffusers_shaped(folded, name in linear or prefix == N.TEXT)
+            tensors += [up.contiguous(), down.contiguous()]
         path = f'{stem}_{part}.pt'
         torch.save(tensors, path)
         paths.append(path)

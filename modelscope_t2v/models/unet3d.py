@@ -232,7 +232,6 @@ class UNet3D(nn.Module):
     """eps = UNet3D(x_t, t, texts): (b, c, f, h, w) -> (k b, c, f, h, w) for k texts per video."""
     channels_last = False   # set by to_channels_last()
     remembered_texts = 0    # rows (k b) of the text last given to remember_text
-    time_cond_proj = None   # a guidance embedding's projection (add_guidance_embedding), else none
     gradient_checkpointing = False   # training: each block's activations recomputed in the backward pass
 
     def __init__(self, config: UNetConfig):
@@ -240,6 +239,9 @@ class UNet3D(nn.Module):
         self.config = config
         dim, head_dim = config.dim, config.head_dim
         embed_dim = dim * 4
+        # a guidance embedding's projection (add_guidance_embedding), else None: a registered empty slot, as a
+        # class attribute None would hide the module once set
+        self.register_module('time_cond_proj', None)
 
         def attention_layers(width: int) -> list:
             heads = width // head_dim
@@ -328,8 +330,7 @@ class UNet3D(nn.Module):
 
     def remove_guidance_embedding(self) -> None:
         """Undo add_guidance_embedding: the UNet of the checkpoint again."""
-        if 'time_cond_proj' in self._modules:
-            del self.time_cond_proj
+        self.time_cond_proj = None
 
     def remember_text(self, context: torch.Tensor) -> None:
         """Project `context` (k b, 77, context_dim) to every cross-attention's keys and values once, for the
