@@ -79,9 +79,9 @@ def build_module(config: TrainConfig, folder: model_folder.ModelFolder):
     return TextToVideoTraining(config, folder.config, model_folder.load_networks(folder))
 
 
-def build_trainer(config: TrainConfig):
+def build_trainer(config: TrainConfig, extra_callbacks=()):
     """Lightning's Trainer: checkpoints every checkpoint_every_n_steps (and last.ckpt), the logger, validation
-    videos; the batch sampler splits batches over the ranks itself (use_distributed_sampler=False)."""
+    videos, `extra_callbacks`; the batch sampler splits batches over the ranks itself (use_distributed_sampler=False)."""
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -91,6 +91,7 @@ def build_trainer(config: TrainConfig):
                                  every_n_train_steps=config.checkpoint_every_n_steps, save_top_k=-1, save_last=True)]
     if config.validation_every_n_steps is not None:
         callbacks.append(ValidationVideos(config))
+    callbacks += list(extra_callbacks)
     logger_class = TensorBoardLogger if config.logger == 'tensorboard' else CSVLogger
     return pl.Trainer(
         max_steps=config.max_steps, max_epochs=config.max_epochs if config.max_epochs is not None else -1,
