@@ -97,7 +97,7 @@ def test_lora_exports_read_back_equal(lora_run):
 def test_lora_changes_the_generation(lora_run, tiny_model_dir):
     """The UNet with the LoRA merged into its weights equals the peft-wrapped UNet (float32, 1e-5). The engine with
     the exported stable_lora file loaded (engine.load_lora) makes the merged UNet's video (within one uint8 level),
-    another than the base's from the same seed."""
+    another than the base's from the same seed; so does the PEFT export."""
     config, result = lora_run
     weights = run_lora_weights(result.module)
     unet = result.module.unet.eval()
@@ -117,6 +117,9 @@ def test_lora_changes_the_generation(lora_run, tiny_model_dir):
     engine.load_lora(os.path.join(result.exports[0], STABLE_LORA_FILE))
     loaded = engine(request).frames[0].astype(int)
     assert np.abs(loaded - merged.astype(int)).max() <= 1
+    engine.unload_lora()
+    engine.load_lora(os.path.join(result.exports[0], PEFT_FOLDER))   # the PEFT export: the same video
+    assert np.abs(engine(request).frames[0].astype(int) - loaded).max() <= 1
     change = np.abs(loaded - base).mean()
     print(f'mean |LoRA - base| over the frames: {change:.2f} of 255')
     assert change > 1.0
@@ -129,7 +132,8 @@ def test_resume_continues_at_the_same_step_and_loss(tiny_model_dir, data_dir, tm
                               validation_every_n_steps=3, validation_prompts=(CAPTION,), validation_inference_steps=2))
     checkpoint = os.path.join(whole.checkpoint_dir, 'step-000003.ckpt')
     assert torch.load(checkpoint, weights_only=True)['global_step'] == 3
-    resumed = train(tiny_config(tiny_model_dir, tmp_path / 'resumed', data_dir, max_steps=6, resume_from=checkpoint))
+    resumed = train(tiny_config(tiny_model_dir, tmp_path / 'resumed', data_dir, max_steps=6, checkpoint_every_n_steps=3,
+                                resume_from=checkpoint))
     assert resumed.global_step == 6
     assert [s for s, _ in resumed.losses] == [3, 4, 5]
     assert [loss for _, loss in resumed.losses] == [loss for _, loss in whole.losses[3:]], (whole.losses, resumed.losses)
@@ -280,11 +284,26 @@ def test_config_reads_yaml_numbers_and_lists(tmp_path):
     assert config_lib.from_dict(config_lib.to_dict(config)) == config
 
 
+def test_example_config_lists_every_key_at_its_default():
+    """docs/train-example.yaml holds every key once, each at its default but the three it must set."""
+    path = os.path.join(os.path.dirname(__file__), '..', 'docs', 'train-example.yaml')
+    with open(path, encoding='utf-8') as f:
+        raw = yaml.safe_load(f)
+    example = config_lib.to_dict(config_lib.load(path))
+    defaults = config_lib.to_dict(TrainConfig(model='m', output_dir='o', data_dir='d'))
+    assert set(raw) == set(defaults)
+    assert {k for k in defaults if example[k] != defaults[k]} == {'model', 'output_dir', 'data_dir'}
+
+
 def test_missing_optional_packages_are_named_before_loading(tmp_path):
     if run.importlib.util.find_spec('bitsandbytes') is None:
         with pytest.raises(ValueError, match=r"optimizer='adamw8bit' needs the package bitsandbytes"):
             train(TrainConfig(model=str(tmp_path / 'absent'), output_dir=str(tmp_path), video='v', prompt='p',
                               optimizer='adamw8bit'))
+    if not any(run.importlib.util.find_spec(p) for p in ('tensorboard', 'tensorboardX')):
+        with pytest.raises(ValueError, match=r"logger='tensorboard' needs the package tensorboard"):
+            train(TrainConfig(model=str(tmp_path / 'absent'), output_dir=str(tmp_path), video='v', prompt='p',
+                              logger='tensorboard'))
     with pytest.raises(ValueError, match=r"resume_from='last': no checkpoint at"):
         train(TrainConfig(model=str(tmp_path / 'absent'), output_dir=str(tmp_path), video='v', prompt='p',
                           resume_from='last'))
