@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
         'model': 'tiny' if args.tiny else 'full', 'size': args.size, 'frames': args.frames, 'lora_rank': args.rank,
         'precision': config.precision, 'gradient_checkpointing': config.gradient_checkpointing,
         'cache_latents': args.cache_latents, 'steps_timed': len(step_times),
-        'steps_per_s': float(1 / step_times.mean()), 'loss_last': float(module.step_losses[-1][1]),
+        'steps_per_s': float(1 / step_times.mean()), 'loss_last': module.losses()[-1][1],
         'peak_allocated_gib': torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
         'peak_allocated_steps_gib': clock.peak_steps if cuda else None,
         'trained_parameters': sum(p.numel() for p in module.trained_tensors().values()),

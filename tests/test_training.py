@@ -236,6 +236,10 @@ def test_json_dataset_buckets_and_batches(tmp_path):
     assert sorted(map(sorted, sampler)) == [[0, 1], [2]]
     ranks = [list(data.BucketBatchSampler([c.size for c in clips], 2, 0, rank, 2)) for rank in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 1 and sorted(map(sorted, ranks[0] + ranks[1])) == [[0, 1], [2]]
+    from lightning_fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DataLoader
+    _set_sampler_epoch(DataLoader(list(range(3)), batch_sampler=sampler), 3)   # as Lightning's fit loop does
+    assert sampler.epoch == 3
     auto = data.bucket_sizes(TrainConfig(model='m', output_dir='o', video='v', prompt='p', buckets='auto'))
     assert (256, 256) in auto and (320, 192) in auto and data.nearest_bucket(1280, 720, auto) == (320, 192)
 
@@ -307,3 +311,11 @@ def test_missing_optional_packages_are_named_before_loading(tmp_path):
     with pytest.raises(ValueError, match=r"resume_from='last': no checkpoint at"):
         train(TrainConfig(model=str(tmp_path / 'absent'), output_dir=str(tmp_path), video='v', prompt='p',
                           resume_from='last'))
+
+
+def test_cli_train_reports_a_bad_configuration(tmp_path, capsys):
+    from modelscope_t2v import cli
+    path = tmp_path / 'run.yaml'
+    path.write_text('model: w\noutput_dir: o\n')
+    assert cli.main(['train', str(path)]) == 2
+    assert capsys.readouterr().err.startswith(f'modelscope-t2v: error: {path}: no training data')

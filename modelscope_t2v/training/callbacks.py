@@ -23,7 +23,7 @@ def sample_frames(module, prompts: List[str], frames: int, width: int, height: i
                   sampler: str, seed: int) -> np.ndarray:
     """uint8 videos (n, f, h, w, 3) of `prompts` from the module's networks as they are now (the engine's
     arithmetic: guided UNet, `sampler`, noise drawn on the CPU from `seed`); the module's mode is restored."""
-    was_training = module.training
+    modes = {m: m.training for m in module.modules()}   # the frozen autoencoder stays in eval mode after
     module.eval()
     try:
         config = module.model_config
@@ -42,7 +42,8 @@ def sample_frames(module, prompts: List[str], frames: int, width: int, height: i
         video = module.autoencoder.decode_video(latents.to(next(module.autoencoder.parameters()).dtype), 4)
         return to_uint8_frames(video)
     finally:
-        module.train(was_training)
+        for m, training in modes.items():
+            m.train(training)
 
 
 class ValidationVideos(pl.Callback):

@@ -246,8 +246,10 @@ class BucketBatchSampler:
     def __init__(self, sizes: Sequence[Tuple[int, int]], batch_size: int, seed: int, rank: int = 0, world: int = 1):
         self.sizes, self.batch_size, self.seed = list(sizes), batch_size, seed
         self.rank, self.world, self.epoch = rank, world, 0
+        # Lightning calls set_epoch on a batch sampler's `sampler` (not on the batch sampler) at each epoch's start
+        self.sampler = _EpochSetter(self)
 
-    def set_epoch(self, epoch: int) -> None:   # Lightning calls it at each epoch's start
+    def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _all_batches(self) -> List[List[int]]:
@@ -270,3 +272,13 @@ class BucketBatchSampler:
             groups[size] = groups.get(size, 0) + 1
         count = sum(math.ceil(n / self.batch_size) for n in groups.values())
         return math.ceil(count / self.world)
+
+
+class _EpochSetter:
+    """What Lightning finds as the batch sampler's `sampler`: passes set_epoch on."""
+
+    def __init__(self, owner: BucketBatchSampler):
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)

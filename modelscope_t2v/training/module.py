@@ -30,6 +30,7 @@ from .targets import inject_lora, text_lora_targets, unet_lora_targets
 logger = logging.getLogger(__name__)
 
 ENCODE_CHUNK_FRAMES = 8   # frames the autoencoder encodes at once: bounds its activations
+LOSSES_READ_EVERY = 256   # steps between reads of the kept losses from the device (each read waits for it)
 
 
 class EMA(nn.Module):
@@ -79,7 +80,7 @@ class TextToVideoTraining(pl.LightningModule):
         self.ema = EMA(self.trained_tensors(), config.ema_decay) if config.ema_decay is not None else None
         self._ema_step = 0
         self.strict_loading = False
-        self.step_losses = []   # (global step, loss tensor) of rank zero's steps
+        self._losses, self._pending = [], []   # (global step, loss) of rank zero's batches: floats, and tensors
 
     def trained_tensors(self) -> Dict[str, torch.Tensor]:
         """name -> parameter of everything the optimizer updates."""
@@ -133,8 +134,18 @@ class TextToVideoTraining(pl.LightningModule):
         loss = self.loss(batch, self.step_generator(batch_idx))
         self.log('train/loss', loss, prog_bar=True, batch_size=len(batch['prompts']))
         if self.trainer.is_global_zero:
-            self.step_losses.append((self.global_step, loss.detach()))
+            self._pending.append((self.global_step, loss.detach()))
+            if len(self._pending) >= LOSSES_READ_EVERY:
+                self.losses()
         return loss
+
+    def losses(self) -> list:
+        """(global step, loss) of every batch rank zero trained in this process (read from the device in bulk)."""
+        if self._pending:
+            values = torch.stack([loss for _, loss in self._pending]).float().tolist()
+            self._losses += [(step, value) for (step, _), value in zip(self._pending, values)]
+            self._pending = []
+        return self._losses
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None and self.global_step != self._ema_step:   # after each optimizer step

@@ -130,8 +130,7 @@ def train(config: Union[TrainConfig, dict, str, os.PathLike]) -> TrainResult:
     exports = []
     if trainer.is_global_zero:
         exports.append(export(module, folder, export_folder(config.output_dir, trainer.global_step)))
-    losses = [(step, float(loss)) for step, loss in module.step_losses]
-    return TrainResult(trainer.global_step, exports, losses, config.checkpoint_dir, module)
+    return TrainResult(trainer.global_step, exports, list(module.losses()), config.checkpoint_dir, module)
 
 
 def autoencoder_id(folder: model_folder.ModelFolder) -> str:
