@@ -86,7 +86,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(1)   # on busy shared cores OpenMP's spin-waits make tiny steps 30x slower
     cuda = torch.cuda.is_available() and not args.tiny
     work = tempfile.mkdtemp(prefix='train-memory-')
-    model_dir = args.model_dir or os.path.join(tempfile.gettempdir(), f'modelscope-t2v-bench-{"tiny" if args.tiny else "full"}')
+    size = 'tiny' if args.tiny else 'full'
+    model_dir = args.model_dir or os.path.join(tempfile.gettempdir(), f'modelscope-t2v-bench-{size}')
     if not os.path.exists(os.path.join(model_dir, 'configuration.json')):
         start = time.perf_counter()
         write_model_dir(model_dir, TINY if args.tiny else FULL)

@@ -136,7 +136,8 @@ def test_resume_continues_at_the_same_step_and_loss(tiny_model_dir, data_dir, tm
                                 resume_from=checkpoint))
     assert resumed.global_step == 6
     assert [s for s, _ in resumed.losses] == [3, 4, 5]
-    assert [loss for _, loss in resumed.losses] == [loss for _, loss in whole.losses[3:]], (whole.losses, resumed.losses)
+    assert [loss for _, loss in resumed.losses] == [loss for _, loss in whole.losses[3:]], (whole.losses,
+                                                                                          resumed.losses)
     for step in (3, 6):
         info = video_io.probe_video(tmp_path / 'whole' / 'validation' / f'step-{step:06d}-0.mp4')
         assert (info['frames'], info['width'], info['height']) == (4, 32, 32)
@@ -147,7 +148,8 @@ def test_resume_continues_at_the_same_step_and_loss(tiny_model_dir, data_dir, tm
 
 
 def test_latent_cache_gives_the_loss_of_the_frames(lora_run, tmp_path):
-    """Cached posterior moments give the loss that encoding the frames gives (float32, 1e-6); the file is written once."""
+    """Cached posterior moments give the loss that encoding the frames gives (float32, 1e-6); the file is written
+    once."""
     config, result = lora_run
     dataset = data.ClipDataset(data.find_clips(config), str(tmp_path / 'cache'))
     assert dataset.fill_cache(result.module.encode_moments, range(len(dataset))) == 1
@@ -190,7 +192,8 @@ def test_options_together(tiny_model_dir, data_dir, tmp_path):
     text = [n for n in weights if n.startswith('text.')]
     assert len(weights) == 150 + len(text) and len(text) == 3 * TINY.text.used_layers
     assert all(p.alpha == 8.0 for p in weights.values())
-    assert all(float(weights[n].up.abs().max()) > 0 for n in (text[0], 'unet.middle_block.1.transformer_blocks.0.ff.net.2'))
+    trained = (text[0], 'unet.middle_block.1.transformer_blocks.0.ff.net.2')
+    assert all(float(weights[n].up.abs().max()) > 0 for n in trained)
 
 
 def test_ddp_two_processes_on_the_cpu(tiny_model_dir, data_dir, tmp_path):
@@ -225,7 +228,8 @@ def test_json_dataset_buckets_and_batches(tmp_path):
     video_io.write_video(square_clip(frames=8), tmp_path / 'square.mp4', fps=8)
     (tmp_path / 'data.json').write_text(
         '{"name": "t", "data": [{"video_path": "wide.mp4", "data": [{"frame_index": 0, "prompt": "a"}, '
-        '{"frame_index": 4, "prompt": "b"}]}, {"video_path": "square.mp4", "data": [{"frame_index": 2, "prompt": "c"}]}]}')
+        '{"frame_index": 4, "prompt": "b"}]}, '
+        '{"video_path": "square.mp4", "data": [{"frame_index": 2, "prompt": "c"}]}]}')
     config = TrainConfig(model='m', output_dir='o', json=str(tmp_path / 'data.json'), n_sample_frames=4,
                          buckets=((64, 32), (32, 32)), batch_size=2)
     clips = data.find_clips(config)

@@ -13,7 +13,7 @@ import difflib
 import math
 import numbers
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Union
 
 TARGETS = ('lora', 'full')
@@ -23,7 +23,6 @@ PRECISIONS = ('32-true', '32', 'bf16-mixed', '16-mixed', 'bf16-true', '16-true',
 LOGGERS = ('csv', 'tensorboard')
 LORA_EXPORTS = ('stable_lora', 'peft')
 FULL_EXPORTS = ('original',)
-SAMPLERS_HINT = 'a sampler name of schedulers.SAMPLERS'
 
 
 @dataclass(frozen=True)

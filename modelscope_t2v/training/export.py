@@ -13,6 +13,7 @@ complete (convert.py's way); an earlier export of the same step is replaced whol
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -90,7 +91,6 @@ def _write_original(path: str, folder: ModelFolder, trained: dict, module) -> No
         convert.write_original(path, config, tuple({k: v.cpu() for k, v in s.items()} for s in states), False)
         return
     with open(os.path.join(path, config_lib.CONFIG_FILE), 'w', encoding='utf-8') as f:
-        import json
         json.dump(config_lib.configuration_json(config, 'original'), f, indent=2)
     text_file, unet_file, vae_file = (files[0] for files in folder.weights)
     _save(trained['unet'], os.path.join(path, config.ckpt_unet))

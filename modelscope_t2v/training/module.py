@@ -126,7 +126,8 @@ class TextToVideoTraining(pl.LightningModule):
     def step_generator(self, batch_idx: int) -> torch.Generator:
         """The CPU generator of this step's draws: seeded by (seed, global step, batch index, rank)."""
         key = f'{self.config.seed}/{self.global_step}/{batch_idx}/{self.global_rank}'.encode()
-        return torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), 'little') >> 1)
+        digest = hashlib.blake2b(key, digest_size=8).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, 'little') >> 1)
 
     # -- Lightning's hooks -------------------------------------------------------------------------
 

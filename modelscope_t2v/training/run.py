@@ -81,21 +81,24 @@ def build_module(config: TrainConfig, folder: model_folder.ModelFolder):
 
 def build_trainer(config: TrainConfig, extra_callbacks=()):
     """Lightning's Trainer: checkpoints every checkpoint_every_n_steps (and last.ckpt), the logger, validation
-    videos, `extra_callbacks`; the batch sampler splits batches over the ranks itself (use_distributed_sampler=False)."""
+    videos, `extra_callbacks`; the batch sampler splits batches over the ranks itself
+    (use_distributed_sampler=False)."""
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
     from .callbacks import ValidationVideos
-    callbacks = [ModelCheckpoint(dirpath=config.checkpoint_dir, filename='step-{step:06d}', auto_insert_metric_name=False,
-                                 every_n_train_steps=config.checkpoint_every_n_steps, save_top_k=-1, save_last=True)]
+    callbacks = [ModelCheckpoint(dirpath=config.checkpoint_dir, filename='step-{step:06d}',
+                                 auto_insert_metric_name=False, every_n_train_steps=config.checkpoint_every_n_steps,
+                                 save_top_k=-1, save_last=True)]
     if config.validation_every_n_steps is not None:
         callbacks.append(ValidationVideos(config))
     callbacks += list(extra_callbacks)
     logger_class = TensorBoardLogger if config.logger == 'tensorboard' else CSVLogger
     return pl.Trainer(
         max_steps=config.max_steps, max_epochs=config.max_epochs if config.max_epochs is not None else -1,
-        accelerator=config.accelerator, devices=list(config.devices) if isinstance(config.devices, tuple) else config.devices,
+        accelerator=config.accelerator,
+        devices=list(config.devices) if isinstance(config.devices, tuple) else config.devices,
         strategy=config.strategy, num_nodes=config.num_nodes, precision=config.precision,
         accumulate_grad_batches=config.accumulate_grad_batches, gradient_clip_val=config.gradient_clip_val,
         log_every_n_steps=config.log_every_n_steps, enable_progress_bar=config.progress_bar,
@@ -113,9 +116,10 @@ def train(config: Union[TrainConfig, dict, str, os.PathLike]) -> TrainResult:
     os.makedirs(config.output_dir, exist_ok=True)
 
     # 2. the networks with what is trained, the data, the trainer
+    import pytorch_lightning as pl
+
     from .export import export, export_folder
     from .module import ClipDataModule
-    import pytorch_lightning as pl
     pl.seed_everything(config.seed, workers=True, verbose=False)   # peft's initial lora_A, the workers
     module = build_module(config, folder)
     datamodule = ClipDataModule(config, folder.config, autoencoder_id(folder))
