@@ -27,7 +27,9 @@ setup(
     extras_require={
         # playwright drives Chromium in the demo test; transformers' CLIPTextModel is the parity reference
         # of a diffusers folder's text encoder
-        'test': ['pytest>=7', 'playwright>=1.40', 'transformers>=4.30'],
+        # peft: the reference that PEFT LoRA files load into diffusers' UNet (tests/test_lora.py); reading LoRA files
+        # needs no peft
+        'test': ['pytest>=7', 'playwright>=1.40', 'transformers>=4.30', 'peft>=0.10'],
         'demo': ['gradio>=6'],
         'bench': [],
     },
