@@ -30,6 +30,8 @@ setup(
     extras_require={
         # playwright drives Chromium in the demo test; transformers' CLIPTextModel is the parity reference
         # of a diffusers folder's text encoder
+        # peft: the reference that PEFT LoRA files load into diffusers' UNet (tests/test_lora.py); reading LoRA files
+        # needs no peft. TRAIN (peft among them): tests/test_training.py
         'test': ['pytest>=7', 'playwright>=1.40', 'transformers>=4.30', *TRAIN],
         'demo': ['gradio>=6'],
         'bench': [],

@@ -480,3 +480,33 @@ def test_peft_lora_matches_diffusers_unet_with_peft(tmp_path):
     err, effect = rel_err(got, expected), rel_err(without, expected)
     print(f'{len(weights)} layers: ours vs diffusers + peft {err:.2e}; the LoRA itself moves the output {effect:.2e}')
     assert err < 1e-4 and effect > 1e-2
+
+
+def test_peft_lora_matches_clip_text_model_with_peft(tmp_path):
+    """The text encoder's adapter (FOLDER/text_encoder/: q/k/v as CLIP's separate projections, the token
+    Embedding) in peft over transformers' CLIPTextModel, against our fused in_proj with row-block deltas."""
+    from peft import PeftModel
+    from reference import randomize_, rel_err
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from modelscope_t2v import diffusers_format as df
+    from modelscope_t2v.models.text_encoder import OpenCLIPTextEncoder
+    from modelscope_t2v.models.unet3d import UNet3D
+    theirs = randomize_(CLIPTextModel(CLIPTextConfig(**df.text_config_to_diffusers(TINY.text))), 0).eval()
+    ours = OpenCLIPTextEncoder(TINY.text).eval()
+    ours.load_state_dict(df.text_from_diffusers(theirs.state_dict()), strict=True)
+    names = [n for n in N.target_shapes(TINY) if n.startswith('text.') and n != N.POSITION]
+    weights = random_lora(TINY, names, 4, torch.Generator().manual_seed(8), alpha=2.0)
+    weights = {n: LoraPair(p.down, p.up * 10, p.alpha) for n, p in weights.items()}
+    write_peft_lora(tmp_path / 'adapter', weights, TINY)
+    peft_text = PeftModel.from_pretrained(theirs, str(tmp_path / 'adapter' / 'text_encoder')).eval()
+    LoraStack(lambda: {'unet': UNet3D(TINY.unet), 'text': ours}).load(weights, 1.0, 'x')
+    tokens = torch.randint(0, TINY.text.vocab_size, (2, 77), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = peft_text(input_ids=tokens).last_hidden_state
+        with peft_text.disable_adapter():
+            without = peft_text(input_ids=tokens).last_hidden_state
+        got = ours(tokens)
+    err, effect = rel_err(got, expected), rel_err(without, expected)
+    print(f'{len(weights)} text layers: ours vs CLIPTextModel + peft {err:.2e}; the LoRA moves the output {effect:.2e}')
+    assert err < 1e-5 and effect > 1e-2

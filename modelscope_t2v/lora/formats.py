@@ -387,8 +387,10 @@ def _peft_module_name(module: str, unet_names: dict, text_names: dict) -> Option
     for prefix, kind in (('unet.', 'unet'), ('text_encoder.', 'text')):
         if module.startswith(prefix):
             module, component = module[len(prefix):], kind
-    if module.startswith('text_model.'):
+    if module.startswith('text_model.'):   # CLIPTextModel's modules in transformers < 5
         module, component = module[len('text_model.'):], 'text'
+    elif module.startswith(('encoder.layers.', 'embeddings.')):   # transformers >= 5 (no UNet name starts so)
+        component = 'text'
     return (text_names if component == 'text' else unet_names).get(module)
 
 
@@ -410,10 +412,12 @@ def _peft_alpha(peft_config: dict, module: str, rank: int) -> Optional[float]:
 def write_peft_lora(folder: str, weights: LoraWeights, config: ModelConfig = FULL) -> List[str]:
     """Write `weights` as PEFT adapters on diffusers' names: the UNet's in FOLDER (adapter_model.safetensors,
     adapter_config.json; `PeftModel.from_pretrained(UNet3DConditionModel, FOLDER)` loads it), the text encoder's
-    in FOLDER/text_encoder/ over transformers' CLIPTextModel. Returns the folders written."""
+    in FOLDER/text_encoder/ over transformers' CLIPTextModel, named as transformers >= 5 names its modules
+    ('encoder.layers.0.self_attn.q_proj'; older ones prefix 'text_model.', which read_lora takes too). Returns the
+    folders written."""
     from safetensors.torch import save_file
     to_diffusers = {ours: theirs for theirs, ours in N.unet_from_diffusers(config.unet).items()}
-    to_clip = {ours: 'text_model.' + theirs for theirs, ours in N.text_from_clip(config.text.used_layers).items()}
+    to_clip = {ours: theirs for theirs, ours in N.text_from_clip(config.text.used_layers).items()}
     linear = N.unet_linear_in_diffusers(config.unet)
     written = []
     for sub, names, prefix in (('', to_diffusers, N.UNET), (TEXT_SUBFOLDER, to_clip, N.TEXT)):
