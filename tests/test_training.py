@@ -248,6 +248,19 @@ def test_json_dataset_buckets_and_batches(tmp_path):
     assert (256, 256) in auto and (320, 192) in auto and data.nearest_bucket(1280, 720, auto) == (320, 192)
 
 
+def test_folder_clips_are_whole_windows_at_the_fps(tmp_path):
+    """A 10-frame video at 8 fps sampled at fps 4 (stride 2): windows of 4 frames span 7, so one clip from frame 0;
+    at stride 1 two (frames 0..3, 4..7). A video without a caption takes fallback_prompt."""
+    video_io.write_video(square_clip(frames=10), tmp_path / 'a.mp4', fps=8)
+    config = TrainConfig(model='m', output_dir='o', data_dir=str(tmp_path), n_sample_frames=4, fps=4.0,
+                         fallback_prompt='fallback')
+    assert [(c.start, c.stride, c.prompt) for c in data.find_clips(config)] == [(0, 2, 'fallback')]
+    one = TrainConfig(model='m', output_dir='o', data_dir=str(tmp_path), n_sample_frames=4, fallback_prompt='x')
+    assert [(c.start, c.stride) for c in data.find_clips(one)] == [(0, 1), (4, 1)]
+    with pytest.raises(ValueError, match=r'a.mp4 has no caption .*a.txt; write one, or set fallback_prompt'):
+        data.find_clips(TrainConfig(model='m', output_dir='o', data_dir=str(tmp_path)))
+
+
 def test_cover_crop_keeps_the_aspect_ratio():
     """A 2:1 frame to 32x32 is scaled to 64x32 then centre-cropped: its middle half."""
     pixels = torch.linspace(-1, 1, 64).expand(1, 3, 32, 64).contiguous()
