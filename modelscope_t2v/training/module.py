@@ -168,8 +168,8 @@ class TextToVideoTraining(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         """Fill the latent cache: rank r encodes clips r, r + w, ...; then all ranks wait for each other."""
-        dataset = self.trainer.datamodule.dataset
-        if dataset.cache_dir is None:
+        dataset = getattr(getattr(self.trainer, 'datamodule', None), 'dataset', None)
+        if dataset is None or dataset.cache_dir is None:   # other dataloaders than ClipDataModule's: no cache
             return
         indices = range(self.global_rank, len(dataset), self.trainer.world_size)
         written = dataset.fill_cache(self.encode_moments, indices)
