@@ -1,5 +1,8 @@
 from setuptools import find_packages, setup
 
+# fine-tuning (modelscope_t2v.training): Lightning's Trainer, peft's LoRA layers, YAML configurations
+TRAIN = ['pytorch-lightning>=2.1', 'peft>=0.10', 'pyyaml>=5.1']
+
 setup(
     name='modelscope-t2v',
     version='0.1.0',
@@ -27,9 +30,12 @@ setup(
     extras_require={
         # playwright drives Chromium in the demo test; transformers' CLIPTextModel is the parity reference
         # of a diffusers folder's text encoder
-        'test': ['pytest>=7', 'playwright>=1.40', 'transformers>=4.30'],
+        # peft: the reference that PEFT LoRA files load into diffusers' UNet (tests/test_lora.py); reading LoRA files
+        # needs no peft. TRAIN (peft among them): tests/test_training.py
+        'test': ['pytest>=7', 'playwright>=1.40', 'transformers>=4.30', *TRAIN],
         'demo': ['gradio>=6'],
         'bench': [],
+        'train': TRAIN,   # modelscope-t2v train, modelscope_t2v.training
     },
     entry_points={'console_scripts': ['modelscope-t2v=modelscope_t2v.cli:main']},
 )

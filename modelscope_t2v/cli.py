@@ -54,16 +54,23 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--width', type=int, default=None, help=f'multiple of 8, up to {MAX_SIDE} (default: 256)')
     group.add_argument('--fps', type=float, default=None, help='frames per second of the file, 0.01..240 (default: 8)')
     group.add_argument('--steps', dest='num_inference_steps', type=int, default=None,
-                       help='denoising steps, 1..1000 (default: 50)')
+                       help='denoising steps, 1..1000 (default: 50; 4 with --sampler lcm, which takes 1..50)')
     group.add_argument('--guidance-scale', type=float, default=None,
                        help='classifier-free guidance, 0..100; <= 1 turns it off (default: 9.0)')
     group.add_argument('--eta', type=float, default=None, help='DDIM noise, 0..1 (default: 0)')
     group.add_argument('--sampler', choices=sorted(SAMPLERS), default=None,
-                       help=f'(default: {DEFAULT_SAMPLER}, which reproduces the original exactly)')
+                       help=f'(default: {DEFAULT_SAMPLER}, which reproduces the original exactly; lcm: few-step '
+                            'UNets such as MCM or T2V-Turbo LoRAs, without classifier-free guidance)')
     group.add_argument('--decode-chunk-frames', type=int, default=None,
                        help='frames the autoencoder decodes at once (default: 4 on GPU, all on CPU)')
     group.add_argument('--no-progress', dest='show_progress', action='store_false', default=None,
                        help='no progress bar')
+    loras = parser.add_argument_group('LoRAs')
+    loras.add_argument('--lora', action='append', default=None, metavar='PATH',
+                       help='a LoRA file, folder or hub id (owner/name[/subfolder]): stable_lora .safetensors, '
+                            'cloneofsimo .pt, PEFT/diffusers; repeat for several')
+    loras.add_argument('--lora-scale', action='append', type=float, default=None, metavar='SCALE',
+                       help='-10..10: once for every LoRA, or once per --lora in order (default: 1)')
     start = parser.add_argument_group('starting frames and long videos')
     start.add_argument('--init-video', default=None,
                        help='video-to-video: a video file to re-render (resized to the output size; its frame count '
@@ -81,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='modelscope-t2v', description='Text to video with ModelScope\'s 1.7B diffusion model.',
         epilog=f'example: {EXAMPLE}\nbatch jobs: modelscope-t2v batch --help\n'
-               'other layouts: modelscope-t2v convert --help',
+               'other layouts: modelscope-t2v convert --help\n'
+               'fine-tuning: modelscope-t2v train --help',
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('prompt', help='what the video shows, in English')
     parser.add_argument('-o', '--output', dest='output_video', default=None,
@@ -102,8 +110,11 @@ def generation_options(args: argparse.Namespace) -> dict:
     keys = ('negative_prompt', 'seed', 'num_videos_per_prompt', 'num_frames', 'height', 'width', 'fps',
             'num_inference_steps', 'guidance_scale', 'eta', 'sampler', 'decode_chunk_frames',
             'show_progress', 'output_video', 'init_video', 'strength', 'init_image', 'temporal_window',
-            'temporal_stride')
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+            'temporal_stride', 'lora', 'lora_scale')
+    options = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if len(options.get('lora_scale', ())) == 1:   # one --lora-scale: every LoRA's
+        options['lora_scale'] = options['lora_scale'][0]
+    return options
 
 
 def resolve_models(args: argparse.Namespace) -> tuple:
@@ -191,6 +202,11 @@ def run_convert(argv) -> int:
     return 0
 
 
+def run_train(argv) -> int:
+    from .training.run import main as train_main   # Lightning and peft load only for this command
+    return train_main(argv)
+
+
 def run_batch(argv) -> int:
     from .batch import run_batch   # imported here: it imports this module
     return run_batch(argv)
@@ -200,7 +216,7 @@ def main(argv=None) -> int:
     """The command line; everything it does runs under guarded (the package's imports before it handle a
     Ctrl-C themselves: __init__.py)."""
     argv = sys.argv[1:] if argv is None else argv
-    commands = {'batch': run_batch, 'convert': run_convert}
+    commands = {'batch': run_batch, 'convert': run_convert, 'train': run_train}
     if argv and argv[0] in commands:
         return guarded(commands[argv[0]], argv[1:])
     return guarded(run_generate, argv)

@@ -133,6 +133,12 @@ def _unet_layout(state: StateDict, diffusers: bool) -> Tuple[int, int, Tuple[boo
     return levels, res_blocks, tuple(f'{prefix}.norm.weight' in state for prefix in first_attention)
 
 
+def unet_leaf_table(config: UNetConfig) -> Table:
+    """Every leaf module of a UNet of `config`'s architecture: our name -> (diffusers name, unit dims of ours)."""
+    attention = tuple(0.5 ** level in config.attn_scales for level in range(len(config.dim_mult)))
+    return _unet_table(len(config.dim_mult), config.res_blocks, attention)
+
+
 def unet_to_diffusers(state: StateDict) -> StateDict:
     """Original UNetSD keys -> diffusers UNet3DConditionModel keys."""
     layout = _unet_layout(state, diffusers=False)

@@ -66,3 +66,35 @@ def _looks_like_hub_id(model: str) -> bool:
 
 def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [''])[0][:200]
+
+
+# the files a LoRA repo's folder may hold, in any of the formats of lora/formats.py
+LORA_PATTERNS = ('*.safetensors', '*.pt', '*.bin', '*.json')
+
+
+def resolve_lora(lora: str) -> str:
+    """A local file or folder for `lora`: itself if it exists, else a Hugging Face hub id 'owner/name', or
+    'owner/name/subfolder' for one of a repo's folders (MCM's 'yhzhai/mcm/modelscopet2v-laion'), downloaded once."""
+    lora = os.fspath(lora)
+    if os.path.exists(lora):
+        return lora
+    parts = lora.split('/')
+    repo_id, sub = '/'.join(parts[:2]), '/'.join(parts[2:])
+    if not _looks_like_hub_id(repo_id):
+        raise ModelNotFound(f'lora={lora!r} is neither an existing file or folder nor a hub id like '
+                            "'owner/name' or 'owner/name/subfolder'")
+    patterns = [f'{sub}/{p}' for p in LORA_PATTERNS] if sub else list(LORA_PATTERNS)
+    from huggingface_hub import snapshot_download
+    try:
+        try:
+            folder = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
+        except Exception:
+            logger.info('downloading the LoRA %s from the Hugging Face Hub (once; then cached)', lora)
+            folder = snapshot_download(repo_id, allow_patterns=patterns)
+    except Exception as error:  # offline, not found, gated
+        raise ModelNotFound(f'could not get the LoRA {lora!r} from the Hugging Face hub ({type(error).__name__}: '
+                            f'{_first_line(error)}). Without network, pass a local LoRA file or folder') from error
+    path = os.path.join(folder, sub) if sub else folder
+    if not os.path.exists(path):
+        raise ModelNotFound(f'the hub repo {repo_id!r} has no folder {sub!r} with LoRA files')
+    return path

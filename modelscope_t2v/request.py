@@ -26,12 +26,13 @@ import torch
 
 from . import init_media, video_io
 from .config import MAX_FRAMES, MAX_SIDE, ModelConfig
-from .schedulers import DEFAULT_SAMPLER, check_sampler
+from .schedulers import DEFAULT_SAMPLER, check_sampler, default_steps, max_steps
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ('video', 'frames', 'latents')
 MAX_SEED = 2 ** 63 - 1
+LORA_SCALE_RANGE = (-10.0, 10.0)
 
 
 class GenerationCancelled(Exception):
@@ -68,6 +69,8 @@ class GenerationRequest:
     init_image: Any = None                    # image-to-video: uint8 (h, w, 3), held as frame 0 at every step
     temporal_window: Optional[int] = None     # long videos: frames each temporal attention sees; None: all
     temporal_stride: Optional[int] = None     # frames between the windows' starts
+    lora: Tuple[str, ...] = ()                # LoRA files, folders or hub ids, loaded for this call only
+    lora_scale: Tuple[float, ...] = ()        # one per LoRA
 
     @property
     def num_videos(self) -> int:
@@ -110,6 +113,8 @@ def parse_request(inputs, config: ModelConfig, builtin_rules: bool = False, **kw
     negatives = _negatives(values.pop('negative_prompt', ''), len(prompts))
     video = init_media.init_video(values.get('init_video'))
     video_frames = None if video is None else (video.shape[2] if isinstance(video, torch.Tensor) else len(video))
+    sampler = values.get('sampler', config.sampler)
+    check_sampler(sampler)
     r = {
         'num_videos_per_prompt': _int(values, 'num_videos_per_prompt', 1, 1, 256),
         # a starting video gives its frame count (num_frames trims or loops it)
@@ -117,7 +122,8 @@ def parse_request(inputs, config: ModelConfig, builtin_rules: bool = False, **kw
         'height': _side(values, 'height', config.height, config.autoencoder.downsample, builtin_rules),
         'width': _side(values, 'width', config.width, config.autoencoder.downsample, builtin_rules),
         'fps': _number(values, 'fps', 8.0, *video_io.FPS_RANGE),
-        'num_inference_steps': _int(values, 'num_inference_steps', 50, 1, config.diffusion.num_timesteps),
+        'num_inference_steps': _int(values, 'num_inference_steps', default_steps(sampler), 1,
+                                    max_steps(sampler, config.diffusion.num_timesteps)),
         'guidance_scale': _number(values, 'guidance_scale', 9.0, 0.0, 100.0),
         'eta': _number(values, 'eta', 0.0, 0.0, 1.0),
         'output_type': _choice(values, 'output_type', 'video', OUTPUT_TYPES),
@@ -125,10 +131,10 @@ def parse_request(inputs, config: ModelConfig, builtin_rules: bool = False, **kw
         'callback': _optional_callable(values, 'callback'),
         'decode_chunk_frames': (None if values.get('decode_chunk_frames') is None
                                 else _int(values, 'decode_chunk_frames', None, 1, MAX_FRAMES)),
-        'sampler': values.get('sampler', config.sampler),
+        'sampler': sampler,
         'generator': _optional_generator(values),
     }
-    check_sampler(r['sampler'])
+    r.update(_loras(values.get('lora'), values.get('lora_scale')))
     n_videos = len(prompts) * r['num_videos_per_prompt']
     r['seed'] = _seed(values, n_videos, draw=not builtin_rules)
     r['latents'] = _latents(values.get('latents'), n_videos, config, r)
@@ -157,6 +163,36 @@ def _init_media(values: dict, video, n_videos: int, config: ModelConfig, r: dict
             raise ValueError(f'init_video latents have shape {tuple(video.shape)}; this request needs '
                              f'(1 or {n_videos}, {", ".join(map(str, expected))})')
     return out
+
+
+def _loras(lora, scale) -> dict:
+    """lora: a path or hub id, or a list of them; lora_scale: a number, or one per LoRA (default 1)."""
+    if lora is None:
+        if scale is not None:
+            raise ValueError(f'lora_scale={scale!r} is given without lora; it scales the LoRAs that lora names')
+        return {}
+    paths = [lora] if isinstance(lora, (str, os.PathLike)) else lora
+    if not isinstance(paths, (list, tuple)) or not paths:
+        raise TypeError(f'lora must be a path or hub id, or a non-empty list of them, not {lora!r}')
+    for path in paths:
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).strip():
+            raise TypeError(f'lora must hold paths or hub ids (strings); got {path!r}')
+        if not os.path.exists(path) and not _hub_id_like(os.fspath(path)):
+            raise ValueError(f'lora={os.fspath(path)!r} is neither an existing file or folder nor a hub id like '
+                             "'owner/name' or 'owner/name/subfolder'")
+    scales = [1.0] * len(paths) if scale is None else ([scale] * len(paths) if not isinstance(scale, (list, tuple))
+                                                       else list(scale))
+    if len(scales) != len(paths):
+        raise ValueError(f'lora_scale has {len(scales)} values for {len(paths)} LoRAs; give one number, or one per LoRA')
+    low, high = LORA_SCALE_RANGE
+    checked = tuple(_number({'lora_scale': value}, 'lora_scale', 1.0, low, high) for value in scales)
+    return {'lora': tuple(os.fspath(p) for p in paths), 'lora_scale': checked}
+
+
+def _hub_id_like(text: str) -> bool:
+    """'owner/name' or 'owner/name/sub/folder': not a path that starts at '/', '.' or '~', no empty part."""
+    parts = text.split('/')
+    return len(parts) >= 2 and all(parts) and not text.startswith(('.', '~'))
 
 
 def _temporal_window(values: dict, config: ModelConfig, frames: int) -> dict:

@@ -28,11 +28,16 @@ SAMPLERS = {
     'euler-a': ('EulerAncestralDiscreteScheduler', {}),
     'heun': ('HeunDiscreteScheduler', {}),
     'lms': ('LMSDiscreteScheduler', {}),
+    # latent consistency models (Luo et al. 2023), for few-step UNets (MCM, T2V-Turbo): its own timesteps, taken
+    # from a 50-step schedule (original_inference_steps), so 1..50 steps; no classifier-free guidance
+    'lcm': ('LCMScheduler', {'set_alpha_to_one': False}),
 }
 # these space steps + 1 points and drop the last one (diffusers' set_timesteps)
 MULTISTEP_CLASSES = ('DPMSolverMultistepScheduler', 'UniPCMultistepScheduler')
 DEFAULT_SAMPLER = 'ddim'
-STOCHASTIC_SAMPLERS = ('euler-a', 'dpm++sde')   # add fresh noise at every step (ddim too when eta > 0)
+STOCHASTIC_SAMPLERS = ('euler-a', 'dpm++sde', 'lcm')   # add fresh noise at every step (ddim too when eta > 0)
+FEW_STEP_SAMPLERS = {'lcm': 4}   # sampler -> its default steps; these run without classifier-free guidance
+LCM_MAX_STEPS = 50               # LCMScheduler's original_inference_steps: its timesteps are picked from these
 
 
 def training_schedule(diffusion: DiffusionConfig) -> dict:
@@ -77,6 +82,22 @@ def check_sampler(sampler) -> None:
         raise TypeError(f'sampler must be a name or a diffusers scheduler, not {type(sampler).__name__}')
 
 
+def default_steps(sampler) -> int:
+    """num_inference_steps when the request gives none: 4 for the few-step samplers, else the original's 50."""
+    return FEW_STEP_SAMPLERS.get(sampler, 50) if isinstance(sampler, str) else 50
+
+
+def max_steps(sampler, num_timesteps: int) -> int:
+    """The most steps `sampler` takes: LCM picks its timesteps from a 50-step schedule."""
+    return LCM_MAX_STEPS if sampler == 'lcm' else num_timesteps
+
+
+def uses_guidance(sampler, guidance_scale: float) -> bool:
+    """Whether classifier-free guidance runs (two texts per video): scale > 1 and not a few-step sampler, whose
+    distilled UNets take w as an embedding instead (layers.guidance_embedding) or were distilled with it."""
+    return guidance_scale > 1.0 and not (isinstance(sampler, str) and sampler in FEW_STEP_SAMPLERS)
+
+
 def draws_step_noise(sampler, eta: float) -> bool:
     """Whether the result depends on noise drawn during sampling (assumed for a scheduler instance)."""
     if not isinstance(sampler, str):
@@ -92,5 +113,6 @@ def make_scheduler(sampler, diffusion: DiffusionConfig, num_steps: int | None = 
         return sampler
     class_name, extra = SAMPLERS[sampler]
     cls = getattr(importlib.import_module('diffusers'), class_name)
-    spacing = {} if num_steps is None else schedule_spacing(class_name, num_steps, diffusion.num_timesteps)
+    spacing = ({} if num_steps is None or sampler == 'lcm'
+               else schedule_spacing(class_name, num_steps, diffusion.num_timesteps))
     return cls.from_config({**training_schedule(diffusion), **extra, **spacing})

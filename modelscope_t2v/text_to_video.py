@@ -23,12 +23,14 @@ from einops import rearrange
 from . import config as config_lib
 from . import model_folder, tokenizer, video_io
 from .half_cache import HALF_DTYPES, load_networks_cached
+from .lora.apply import LoraStack
+from .lora.formats import LoraWeights, read_lora
 from .models.autoencoder import AutoencoderKL
 from .models.text_encoder import OpenCLIPTextEncoder
 from .models.unet3d import UNet3D
 from .request import GenerationCancelled, GenerationRequest, NonFiniteError, numbered_paths
 from .sampling import denoise, guided, reschedule_noise
-from .schedulers import draws_step_noise, make_scheduler
+from .schedulers import draws_step_noise, make_scheduler, uses_guidance
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ logger = logging.getLogger(__name__)
 # (about 120 MB a frame at 256x256 in half precision) at no measurable cost in speed.
 CUDA_DECODE_CHUNK_FRAMES = 4
 LOW_MEMORY_DECODE_CHUNK_FRAMES = 1
+REQUEST_LORA = 'request '   # the names of a request's own LoRAs start so
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 
 
@@ -70,8 +73,9 @@ class TextToVideo:
         self.text_encoder = text_encoder.eval().requires_grad_(False).to(resting, self.dtype)
         self.unet = unet.eval().requires_grad_(False).to(self.device, self.dtype)
         self.autoencoder = autoencoder.eval().requires_grad_(False).to(resting, self.dtype)
-        self._lock = threading.Lock()        # held by the running generation (generating())
+        self._lock = threading.Lock()        # held by the running generation (generating()) and by LoRA changes
         self._generating_thread = None       # the thread that holds it
+        self.loras = LoraStack(lambda: {'unet': self.unet, 'text': self.text_encoder})   # lora/apply.py
 
     @classmethod
     def from_pretrained(cls, model_dir: str, device=None, dtype=None, compile: bool | str = False,
@@ -194,9 +198,66 @@ class TextToVideo:
 
     def guided_unet(self, context: torch.Tensor, uncond: Optional[torch.Tensor], scale: float):
         """eps(x, t, None) of the UNet guided by these texts (uncond None: guidance off). Their keys and
-        values are projected once here, not at every step (UNet3D.remember_text)."""
+        values are projected once here, not at every step (UNet3D.remember_text). A UNet with a guidance
+        embedding (a T2V-Turbo LoRA brings one) gets `scale` as w, one per video, at every call: T2V-Turbo's
+        pipeline passes its guidance_scale itself (diffusers' LCM pipelines pass guidance_scale - 1)."""
         self.unet.remember_text(context if uncond is None else torch.cat([uncond, context]))
-        return guided(self.unet, scale)
+        cfg_scale = scale if uncond is not None else 1.0   # few-step samplers: no second text, scale or not
+        if self.unet.time_cond_proj is None:
+            return guided(self.unet, cfg_scale)
+        w = torch.full((context.shape[0],), float(scale), device=self.device)
+
+        def unet(x, t, context):
+            return self.unet(x, t, context, guidance=w[:x.shape[0]])
+
+        return guided(unet, cfg_scale)
+
+    # -- LoRAs (lora/): changed under the generation lock, so never during a generation --------------
+
+    def load_lora(self, path: str, scale: float = 1.0, name: Optional[str] = None) -> str:
+        """Apply the LoRA at `path` (a file, folder or hub id; any format of lora/formats.py) to the weights at
+        `scale`, on top of those loaded; returns its name (default: `path` as given)."""
+        name = os.fspath(path) if name is None else name
+        weights = self.read_lora(path)
+        with self.generating():
+            self.loras.load(weights, scale, name)
+        return name
+
+    def unload_lora(self, name: Optional[str] = None) -> None:
+        """Take the LoRA `name` off the weights, or every LoRA not fused (None); the base weights come back
+        bit for bit."""
+        with self.generating():
+            self.loras.unload(name)
+
+    def fuse_lora(self) -> None:
+        """Make the loaded LoRAs permanent (diffusers' fuse_lora): unload_lora no longer takes them off."""
+        with self.generating():
+            self.loras.fuse()
+
+    def unfuse_lora(self) -> None:
+        """Take the fused LoRAs off the weights (diffusers' unfuse_lora): the base bit for bit, when no other
+        LoRA is loaded."""
+        with self.generating():
+            self.loras.unfuse()
+
+    def read_lora(self, path: str) -> LoraWeights:
+        """The LoRA at `path` (a hub id is downloaded once), checked against this model's configuration."""
+        from .hub import resolve_lora
+        return read_lora(resolve_lora(path), self.config)
+
+    @contextlib.contextmanager
+    def request_loras(self, request: GenerationRequest, weights: List[LoraWeights]):
+        """The request's LoRAs on the weights inside the block (the caller holds the lock), off after it."""
+        names = []
+        try:
+            for i, (lora, scale) in enumerate(zip(request.lora, request.lora_scale)):
+                name = f'{REQUEST_LORA}{i}: {lora}'
+                self.loras.load(weights[i], scale, name)
+                names.append(name)
+            yield
+        finally:
+            for name in names:
+                self.loras.unload(name)
 
     def initial_noise(self, request: GenerationRequest) -> tuple:
         """Unit Gaussian latents (n, c, f, h/8, w/8), drawn on the CPU as the original does, and the seed
@@ -264,9 +325,10 @@ class TextToVideo:
         per_video = request.num_videos_per_prompt
         prompts = [p for p in request.prompts for _ in range(per_video)]
         negatives = [p for p in request.negative_prompts for _ in range(per_video)]
-        with self.generating():
-            # 2. encode text (the unconditional branch only when guidance is on)
-            guidance_on = request.guidance_scale > 1.0
+        lora_weights = [self.read_lora(path) for path in request.lora]   # read and checked before the lock
+        with self.generating(), self.request_loras(request, lora_weights):
+            # 2. encode text (the unconditional branch only when guidance is on: not with few-step samplers)
+            guidance_on = uses_guidance(request.sampler, request.guidance_scale)
             context, uncond = self.encode_prompts(prompts, negatives if guidance_on else None)
 
             # 3. prepare the start: the encoded starting frames (first: a generator's draws come in diffusers'
@@ -311,6 +373,7 @@ class TextToVideo:
     def parameters(self, request: GenerationRequest, seed: Optional[int], prompt: str, negative: str) -> dict:
         """The parameters of one video, enough to make it again."""
         sampler = request.sampler if isinstance(request.sampler, str) else type(request.sampler).__name__
+        loaded = {name: scale for name, scale in self.loras.active().items() if not name.startswith(REQUEST_LORA)}
         return {
             'text': prompt, 'negative_prompt': negative, 'seed': seed,
             'sampler': sampler, 'num_inference_steps': request.num_inference_steps,
@@ -321,6 +384,8 @@ class TextToVideo:
             **({'start': 'image'} if request.init_image is not None else {}),
             **({'temporal_window': request.temporal_window, 'temporal_stride': request.temporal_stride}
                if request.temporal_window is not None else {}),
+            **({'lora': list(request.lora), 'lora_scale': list(request.lora_scale)} if request.lora else {}),
+            **({'loaded_lora': loaded} if loaded else {}),   # load_lora's: name -> scale
         }
 
 
@@ -349,7 +414,7 @@ def activation_bytes(config: config_lib.ModelConfig, request: GenerationRequest,
     b = torch.finfo(dtype).bits // 8
     cells = (request.height // autoencoder.downsample) * (request.width // autoencoder.downsample)
     videos_frames = request.num_videos * request.num_frames
-    rows = (2 if request.guidance_scale > 1.0 else 1) * videos_frames
+    rows = (2 if uses_guidance(request.sampler, request.guidance_scale) else 1) * videos_frames
     # skip channels in units of the full-size cells, level by level as UNet3D builds its input blocks
     skips, area, width = unet.dim, 1.0, unet.dim
     for level, mult in enumerate(unet.dim_mult):

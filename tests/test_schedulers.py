@@ -5,7 +5,7 @@ import torch
 
 from modelscope_t2v import parse_request
 from modelscope_t2v.config import FULL
-from modelscope_t2v.schedulers import MULTISTEP_CLASSES, SAMPLERS, make_scheduler, schedule_spacing
+from modelscope_t2v.schedulers import LCM_MAX_STEPS, MULTISTEP_CLASSES, SAMPLERS, make_scheduler, schedule_spacing
 
 pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
 T = FULL.diffusion.num_timesteps   # 1000
@@ -23,7 +23,7 @@ def _alphas_cumprod(diffusion) -> torch.Tensor:
 def test_leading_spacing_is_kept_exactly_where_diffusers_fits_it_in_0_to_999():
     switched = {}
     for name, (class_name, _) in SAMPLERS.items():
-        if name == 'dpm++2m-karras':   # its timesteps come from Karras sigmas, not from the spacing
+        if name in ('dpm++2m-karras', 'lcm'):   # timesteps from Karras sigmas / LCM's 50-step schedule
             continue
         for n in COUNTS:
             leading = make_scheduler(name, FULL.diffusion)   # no count: the original's spacing
@@ -44,8 +44,8 @@ def test_the_default_ddim_50_schedule_is_the_originals():
 
 
 # the top of the range, and 999 for the multistep solvers, which failed there too
-TOP_COUNTS = [(name, steps) for name in sorted(SAMPLERS) for steps in (999, 1000)
-              if steps == 1000 or SAMPLERS[name][0] in MULTISTEP_CLASSES]
+TOP_COUNTS = [(name, steps) for name in sorted(SAMPLERS) if name != 'lcm' for steps in (999, 1000)
+              if steps == 1000 or SAMPLERS[name][0] in MULTISTEP_CLASSES] + [('lcm', LCM_MAX_STEPS)]
 
 
 @pytest.mark.parametrize('sampler, steps', TOP_COUNTS)

@@ -1,4 +1,10 @@
-"""Pieces shared by the UNet3D blocks: attention, feed-forward, timestep embedding."""
+"""Pieces shared by the UNet3D blocks: attention, feed-forward, timestep and guidance embeddings.
+
+Some layers read a projection's weight and run their own fast arithmetic (GEGLU's kernel, the feed-forward's
+in-place GEMM, the transformers' one-GEMM projections). A projection that peft has wrapped for training (its
+LoRA adds a branch the weight does not hold) is called as a module instead: `is_plain` tells them apart. A
+LoRA loaded for inference is a delta on the weight itself (lora/apply.py), which every path reads.
+"""
 
 from typing import Callable
 
@@ -26,6 +32,23 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of guidance scales, sines first: (b,) -> (b, dim), as latent consistency models
+    (LCM, T2V-Turbo) condition their UNet on w: 1000 w times frequencies 10000 ** (-i / (half - 1))."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device)
+                      * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    angles = (w.float() * 1000.0)[:, None] * freqs[None]          # (b, half)
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def is_plain(module: nn.Module) -> bool:
+    """Whether `module` is a torch Linear/Conv layer whose weight says all it computes (a parametrized one
+    included), not a wrapper such as peft's LoRA layers, whose extra branch only its forward adds."""
+    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv3d))
 
 
 @torch.library.custom_op('modelscope_t2v::addmm_', mutates_args=('acc',))
@@ -95,6 +118,9 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, inner * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not is_plain(self.proj):   # a peft LoRA layer: its forward adds the LoRA branch
+            a, gate = self.proj(x).chunk(2, dim=-1)
+            return a * F.gelu(gate)
         return geglu(x, self.proj.weight, self.proj.bias)   # (..., dim) -> (..., inner)
 
 
@@ -109,6 +135,8 @@ class FeedForward(nn.Module):
         """net(x) + residual, the residual added by the second GEMM (into residual + bias, in place): on the GPU
         no pass of its own reads the GEMM's output back (-0.2 ms a guided step, bench/step_timing.py)."""
         h, out = self.net[0](x), self.net[2]                                        # h: (..., mult dim)
+        if not is_plain(out):   # a peft LoRA layer: called, not read
+            return out(h) + residual
         acc = residual + out.bias
         if torch.is_grad_enabled():   # addmm_ has no gradient: out of place, as autograd needs
             return torch.addmm(acc.view(-1, acc.shape[-1]), h.flatten(0, -2), out.weight.T).view(acc.shape)

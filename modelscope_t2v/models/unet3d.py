@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import UNetConfig
 from .frame_attention import frame_attention
 from .frame_conv import frame_conv
 from .frame_windows import windowed
 from .group_norm import GroupNorm
-from .layers import Attention, TransformerBlock, timestep_embedding
+from .layers import Attention, TransformerBlock, guidance_embedding, is_plain, timestep_embedding
 
 
 @dataclass
@@ -107,7 +108,7 @@ class TemporalConv(nn.Module):
 
     def forward(self, x):
         # x: (b, c, f, h, w)
-        if not self.as_gemm:
+        if not self.as_gemm or not all(is_plain(stage[-1]) for stage in (self.conv1, self.conv2, self.conv3, self.conv4)):
             return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
         h = x
         for stage in (self.conv1, self.conv2, self.conv3, self.conv4):
@@ -155,7 +156,8 @@ class SpatialTransformer(nn.Module):
         x = cond.per_text(x)
         h, w = x.shape[-2:]
         tokens = rearrange(self.norm(x), 'n c h w -> n (h w) c')
-        y = linear_as_one_gemm(tokens, self.proj_in.weight, self.proj_in.bias)
+        y = (linear_as_one_gemm(tokens, self.proj_in.weight, self.proj_in.bias) if is_plain(self.proj_in)
+             else self.proj_in(tokens))
         for block in self.transformer_blocks:
             y = block(y, cond.context, cond.frames)
         return x + rearrange(self.proj_out(y), 'n (h w) c -> n c h w', h=h, w=w)
@@ -177,10 +179,16 @@ class TemporalTransformer(nn.Module):
         h, w = x.shape[-2:]
         video = rearrange(x, '(b f) c h w -> b c f h w', f=cond.frames)
         y = rearrange(self.norm(video), 'b c f h w -> (b h w) f c')
-        y = linear_as_one_gemm(y, self.proj_in.weight[..., 0], self.proj_in.bias)
+        if is_plain(self.proj_in):
+            y = linear_as_one_gemm(y, self.proj_in.weight[..., 0], self.proj_in.bias)
+        else:   # a peft Conv1d LoRA layer: called on (n, c, f)
+            y = self.proj_in(y.transpose(1, 2)).transpose(1, 2)
         for block in self.transformer_blocks:
             y = block(y)
-        y = F.linear(y, self.proj_out.weight[..., 0], self.proj_out.bias)
+        if is_plain(self.proj_out):
+            y = F.linear(y, self.proj_out.weight[..., 0], self.proj_out.bias)
+        else:
+            y = self.proj_out(y.transpose(1, 2)).transpose(1, 2)
         return x + rearrange(y, '(b h w) f c -> (b f) c h w', h=h, w=w)
 
 
@@ -224,12 +232,16 @@ class UNet3D(nn.Module):
     """eps = UNet3D(x_t, t, texts): (b, c, f, h, w) -> (k b, c, f, h, w) for k texts per video."""
     channels_last = False   # set by to_channels_last()
     remembered_texts = 0    # rows (k b) of the text last given to remember_text
+    gradient_checkpointing = False   # training: each block's activations recomputed in the backward pass
 
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = config
         dim, head_dim = config.dim, config.head_dim
         embed_dim = dim * 4
+        # a guidance embedding's projection (add_guidance_embedding), else None: a registered empty slot, as a
+        # class attribute None would hide the module once set
+        self.register_module('time_cond_proj', None)
 
         def attention_layers(width: int) -> list:
             heads = width // head_dim
@@ -306,6 +318,20 @@ class UNet3D(nn.Module):
                 for block in module.transformer_blocks:
                     block.attn1.attend = block.attn2.attend = attend
 
+    def add_guidance_embedding(self, in_dim: int) -> nn.Linear:
+        """Give the UNet a guidance embedding, as guidance-distilled UNets have (T2V-Turbo: in_dim 256): the
+        sinusoidal embedding of w (layers.guidance_embedding) projected without bias onto the timestep
+        embedding, diffusers' TimestepEmbedding.cond_proj. Its weight starts at zero: the caller sets it.
+        Key `time_cond_proj.weight`, which no original checkpoint holds."""
+        weight = self.time_embed[0].weight
+        self.time_cond_proj = nn.Linear(in_dim, self.config.dim, bias=False, device=weight.device, dtype=weight.dtype)
+        nn.init.zeros_(self.time_cond_proj.weight)
+        return self.time_cond_proj
+
+    def remove_guidance_embedding(self) -> None:
+        """Undo add_guidance_embedding: the UNet of the checkpoint again."""
+        self.time_cond_proj = None
+
     def remember_text(self, context: torch.Tensor) -> None:
         """Project `context` (k b, 77, context_dim) to every cross-attention's keys and values once, for the
         calls forward(x, t) without a context that follow: a generation's text is the same at every step, so
@@ -315,9 +341,11 @@ class UNet3D(nn.Module):
                 module.remember_text(context)
         self.remembered_texts = context.shape[0]
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
         """x: (b, c, f, h, w) noisy latents; t: (b,) diffusion times; context: (k b, 77, context_dim), or
-        None for the text given to remember_text.
+        None for the text given to remember_text; guidance: (b,) guidance scales w, read by a guidance
+        embedding (add_guidance_embedding) and needed by one, else ignored.
 
         With k texts per video (text-major: rows j b .. j b + b - 1 are text j)
         the result is (k b, c, f, h, w), one prediction per text; the layers
@@ -329,7 +357,13 @@ class UNet3D(nn.Module):
             raise ValueError(f'context holds {rows} texts for {b} videos: need a positive multiple of {b}'
                              + (' (remember_text gave none)' if context is None else ''))
         texts = rows // b
-        emb = self.time_embed(timestep_embedding(t, self.config.dim).to(x.dtype))   # (b, embed_dim)
+        temb = timestep_embedding(t, self.config.dim).to(x.dtype)                      # (b, dim)
+        if self.time_cond_proj is not None:
+            if guidance is None:
+                raise ValueError('this UNet has a guidance embedding (a guidance-distilled LoRA such as T2V-Turbo '
+                                 'brought it): pass guidance, the scales w, one per video')
+            temb = temb + self.time_cond_proj(guidance_embedding(guidance, self.time_cond_proj.in_features).to(x.dtype))
+        emb = self.time_embed(temb)                                                    # (b, embed_dim)
         cond = Conditioning(emb=F.silu(emb).repeat(texts, 1).repeat_interleave(frames, dim=0), context=context,
                             frames=frames)
         h = rearrange(x, 'b c f h w -> (b f) c h w')
@@ -337,10 +371,16 @@ class UNet3D(nn.Module):
             h = h.contiguous(memory_format=torch.channels_last)
         skips = []
         for block in self.input_blocks:
-            h = block(h, cond)
+            h = self._run(block, h, cond)
             skips.append(h)
-        h = self.middle_block(h, cond)
+        h = self._run(self.middle_block, h, cond)
         for block in self.output_blocks:
             h = torch.cat([h, cond.per_text(skips.pop())], dim=1)
-            h = block(h, cond, size=skips[-1].shape[-2:] if skips else None)
+            h = self._run(block, h, cond, size=skips[-1].shape[-2:] if skips else None)
         return rearrange(self.out(h), '(b f) c h w -> b c f h w', f=frames).contiguous()
+
+    def _run(self, block: nn.Module, h: torch.Tensor, cond: Conditioning, **kwargs) -> torch.Tensor:
+        """block(h, cond), its activations recomputed in the backward pass under gradient_checkpointing."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, cond, use_reentrant=False, **kwargs)
+        return block(h, cond, **kwargs)
