@@ -4,7 +4,6 @@ LoRAs with the guidance embedding), on the tiny model with random LoRAs (tools/m
 
 import json
 import math
-import os
 
 import pytest
 import torch

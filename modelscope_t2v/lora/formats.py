@@ -193,12 +193,13 @@ def _from_stable_lora(state: dict, metadata: dict, config: ModelConfig) -> Tuple
         if stem in shapes:   # written by write_stable_lora: the pair's own shapes
             a, b = a.reshape(shapes[stem][0]), b.reshape(shapes[stem][1])
         name = _stable_lora_name(stem, text_names)
+        shape = targets.get(name, ())
         if name in N.EMBEDDINGS:   # loralib's Embedding: W += (B @ A)^T
             weights[name] = LoraPair(down=b.T, up=a.T)
-        elif name in targets and len(targets[name]) == 5 and b.shape[0] * a.shape[1] == 9 * math.prod(targets[name][:2]):
-            weights[name] = _temporal_conv_pair(a, b, targets[name])
-        elif name in targets and len(targets[name]) == 4 and b.shape[0] != targets[name][0]:
-            weights[name] = _conv_pair(a, b, targets[name])
+        elif len(shape) == 5 and b.shape[0] * a.shape[1] == 9 * math.prod(shape[:2]):
+            weights[name] = _temporal_conv_pair(a, b, shape)
+        elif len(shape) == 4 and b.shape[0] != shape[0]:
+            weights[name] = _conv_pair(a, b, shape)
         else:
             weights[name] = LoraPair(down=a, up=b)
     return weights, problems
