@@ -183,7 +183,8 @@ def _loras(lora, scale) -> dict:
     scales = [1.0] * len(paths) if scale is None else ([scale] * len(paths) if not isinstance(scale, (list, tuple))
                                                        else list(scale))
     if len(scales) != len(paths):
-        raise ValueError(f'lora_scale has {len(scales)} values for {len(paths)} LoRAs; give one number, or one per LoRA')
+        raise ValueError(f'lora_scale has {len(scales)} values for {len(paths)} LoRAs; give one number, '
+                         'or one per LoRA')
     low, high = LORA_SCALE_RANGE
     checked = tuple(_number({'lora_scale': value}, 'lora_scale', 1.0, low, high) for value in scales)
     return {'lora': tuple(os.fspath(p) for p in paths), 'lora_scale': checked}

@@ -4,7 +4,6 @@ LoRAs with the guidance embedding), on the tiny model with random LoRAs (tools/m
 
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -207,10 +206,16 @@ def test_diffusers_lora_file_without_config_has_scale_one(tmp_path):
     tensors = {'unet.down_blocks.0.attentions.0.proj_in.lora_A.weight': torch.randn(2, 32, generator=g),
                'unet.down_blocks.0.attentions.0.proj_in.lora_B.weight': torch.randn(32, 2, generator=g),
                'text_encoder.text_model.encoder.layers.0.self_attn.v_proj.lora_A.weight': torch.randn(2, width),
-               'text_encoder.text_model.encoder.layers.0.self_attn.v_proj.lora_B.weight': torch.randn(width, 2)}
+               'text_encoder.text_model.encoder.layers.0.self_attn.v_proj.lora_B.weight': torch.randn(width, 2),
+               # diffusers' older attention-processor names
+               'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor.to_out_lora.down.weight':
+                   torch.randn(2, 32),
+               'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor.to_out_lora.up.weight':
+                   torch.randn(32, 2)}
     save_file(tensors, str(tmp_path / 'pytorch_lora_weights.safetensors'))
     back = read_lora(tmp_path, TINY)
-    assert set(back) == {'unet.input_blocks.1.1.proj_in', 'text.transformer.resblocks.0.attn.in_proj.v'}
+    assert set(back) == {'unet.input_blocks.1.1.proj_in', 'text.transformer.resblocks.0.attn.in_proj.v',
+                         'unet.input_blocks.1.1.transformer_blocks.0.attn2.to_out.0'}
     assert all(p.scale == 1.0 for p in back.values())
 
 

@@ -85,3 +85,18 @@ def test_repo_configuration_selects_the_plugin():
     assert cfg['model']['type'] == cfg['pipeline']['type'] == 'modelscope-t2v'
     assert cfg['plugins'] == ['modelscope-t2v']
     assert cfg['task'] == 'text-to-video-synthesis'
+
+
+def test_a_call_with_a_lora_changes_only_that_call(original_pipe, tmp_path):
+    """pipeline()'s lora= / lora_scale= (parse_request's checks apply as for every option)."""
+    from modelscope_t2v.config import TINY
+    from modelscope_t2v.tools.make_random_lora import make_random_loras
+    lora = make_random_loras(str(tmp_path), TINY, formats=('stable',))['stable']
+    call = dict(SMALL, seed=3, output_type='latents')
+    base = original_pipe({'text': PROMPT}, **call)['latents']
+    out = original_pipe({'text': PROMPT, 'lora': lora}, lora_scale=0.5, **call)
+    assert out['parameters']['lora'] == [lora] and out['parameters']['lora_scale'] == [0.5]
+    assert (out['latents'] - base).abs().max() > 1e-3
+    assert torch.equal(original_pipe({'text': PROMPT}, **call)['latents'], base)
+    with pytest.raises(ValueError, match='lora_scale=20.0 is outside the valid range'):
+        original_pipe({'text': PROMPT, 'lora': lora}, lora_scale=20, **call)

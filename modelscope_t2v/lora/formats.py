@@ -193,12 +193,13 @@ def _from_stable_lora(state: dict, metadata: dict, config: ModelConfig) -> Tuple
         if stem in shapes:   # written by write_stable_lora: the pair's own shapes
             a, b = a.reshape(shapes[stem][0]), b.reshape(shapes[stem][1])
         name = _stable_lora_name(stem, text_names)
+        shape = targets.get(name, ())
         if name in N.EMBEDDINGS:   # loralib's Embedding: W += (B @ A)^T
             weights[name] = LoraPair(down=b.T, up=a.T)
-        elif name in targets and len(targets[name]) == 5 and b.shape[0] * a.shape[1] == 9 * math.prod(targets[name][:2]):
-            weights[name] = _temporal_conv_pair(a, b, targets[name])
-        elif name in targets and len(targets[name]) == 4 and b.shape[0] != targets[name][0]:
-            weights[name] = _conv_pair(a, b, targets[name])
+        elif len(shape) == 5 and b.shape[0] * a.shape[1] == 9 * math.prod(shape[:2]):
+            weights[name] = _temporal_conv_pair(a, b, shape)
+        elif len(shape) == 4 and b.shape[0] != shape[0]:
+            weights[name] = _conv_pair(a, b, shape)
         else:
             weights[name] = LoraPair(down=a, up=b)
     return weights, problems
@@ -352,7 +353,7 @@ def _from_peft(state: dict, peft_config: dict, config: ModelConfig) -> Tuple[Lor
     text_names = N.text_from_clip(config.text.used_layers)
     parts, problems = collections.defaultdict(dict), []
     for key, value in state.items():
-        match = _PEFT_KEY.fullmatch(key)
+        match = _PEFT_KEY.fullmatch(_processor_key(key))
         if match is None:
             problems.append(f'{key}: not a LoRA key')
             continue
@@ -379,10 +380,19 @@ def _from_peft(state: dict, peft_config: dict, config: ModelConfig) -> Tuple[Lor
     return weights, problems
 
 
+def _processor_key(key: str) -> str:
+    """diffusers' attention-processor LoRA keys (diffusers < 0.21), 'attn1.processor.to_q_lora.down.weight',
+    as 'attn1.to_q.lora.down.weight' (to_out: 'to_out.0')."""
+    match = re.fullmatch(r'(.+)\.processor\.(to_[qkv]|to_out)_lora\.(up|down)\.weight', key)
+    if match is None:
+        return key
+    layer = match[2] + ('.0' if match[2] == 'to_out' else '')
+    return f'{match[1]}.{layer}.lora.{match[3]}.weight'
+
+
 def _peft_module_name(module: str, unet_names: dict, text_names: dict) -> Optional[str]:
     """A PEFT / diffusers module path -> our name, None where it names nothing of ours."""
-    for prefix in ('base_model.model.',):
-        module = module[len(prefix):] if module.startswith(prefix) else module
+    module = module.removeprefix('base_model.model.')
     component = 'unet'
     for prefix, kind in (('unet.', 'unet'), ('text_encoder.', 'text')):
         if module.startswith(prefix):

@@ -98,9 +98,8 @@ UNET_TARGETS = (('UNet3DConditionModel',), ('CrossAttention', 'Attention', 'GEGL
                 ('ResnetBlock2D', 'CrossAttention', 'Attention', 'GEGLU'))
 TEXT_TARGETS = (('CLIPEncoderLayer',), ('CLIPAttention',))
 # transformers registers CLIPAttention's k_proj, v_proj, q_proj, out_proj in that order, then CLIPMLP's fc1, fc2
-_CLIP_LAYER_ORDER = {'CLIPEncoderLayer': ('self_attn.k_proj', 'self_attn.v_proj', 'self_attn.q_proj',
-                                          'self_attn.out_proj', 'mlp.fc1', 'mlp.fc2'),
-                     'CLIPAttention': ('self_attn.k_proj', 'self_attn.v_proj', 'self_attn.q_proj', 'self_attn.out_proj')}
+_CLIP_ATTENTION = ('self_attn.k_proj', 'self_attn.v_proj', 'self_attn.q_proj', 'self_attn.out_proj')
+_CLIP_LAYER_ORDER = {'CLIPEncoderLayer': _CLIP_ATTENTION + ('mlp.fc1', 'mlp.fc2'), 'CLIPAttention': _CLIP_ATTENTION}
 
 
 @functools.lru_cache(maxsize=16)
