@@ -49,7 +49,13 @@ WORKLOADS = {
     'zeroscope-576w': (24, 320, 576, 'dpm++2m', 40, None),   # zeroscope_v2_576w's card: 576x320, 24 frames
     'zeroscope-xl': (24, 576, 1024, 'ddim', 50, 0.65),       # zeroscope_v2_XL re-rendering 576w's 576x320 output
     'long': (256, 256, 256, 'ddim', 50, None),               # FreeNoise windows of 16 frames, stride 4
+    'lcm': (16, 256, 256, 'lcm', 4, None),                   # few steps (a consistency LoRA's), guidance off
 }
+
+
+def guidance(args) -> float:
+    """The workload's guidance scale: 9 as the model card, off (one UNet pass a step) for lcm."""
+    return 1.0 if args.sampler == 'lcm' else 9.0
 
 
 def kept_steps(args) -> int:
@@ -66,7 +72,7 @@ def source_video(args):
 def default_request(engine: TextToVideo, args, **options):
     """The workload's generation (guidance 9) of the benchmark's prompt and seed, as frames."""
     values = dict(num_frames=args.frames, height=args.height, width=args.width, sampler=args.sampler,
-                  num_inference_steps=args.steps, output_type='frames')
+                  num_inference_steps=args.steps, guidance_scale=guidance(args), output_type='frames')
     if args.strength is not None:
         values.update(init_video=source_video(args), strength=args.strength)
     return parse_request({'text': PROMPT, 'seed': SEED}, engine.config, **{**values, **options})
@@ -115,9 +121,10 @@ def bench_ours(engine: TextToVideo, args, label: str) -> dict:
     request = default_request(engine, args)
     engine(default_request(engine, args, num_inference_steps=2))  # warm-up
     stages = {}
-    (context, uncond), stages['text'] = timed(lambda: engine.encode_prompts([PROMPT], ['']))
+    negatives = [''] if guidance(args) > 1 else None
+    (context, uncond), stages['text'] = timed(lambda: engine.encode_prompts([PROMPT], negatives))
     noise = engine.initial_noise(request)[0].to(engine.device, engine.dtype)
-    model_fn = engine.guided_unet(context, uncond, 9.0)
+    model_fn = engine.guided_unet(context, uncond, guidance(args))
     engine.unet.set_temporal_window(request.temporal_window, request.temporal_stride or 1)
     scheduler = lambda: make_scheduler(args.sampler, engine.config.diffusion, args.steps)  # noqa: E731
     init = None if args.strength is None else torch.zeros_like(noise)   # the values do not change the arithmetic
@@ -238,7 +245,8 @@ def main(argv=None):
     engine = load(args, device)
     results['ceiling_tflops'] = matmul_ceiling(device)
     results['flops'] = count_flops(engine, args.frames, args.height, args.width, encode=args.strength is not None)
-    results['flops']['generation'] = (kept_steps(args) * 2 * results['flops']['unet_forward']
+    texts = 2 if guidance(args) > 1 else 1
+    results['flops']['generation'] = (kept_steps(args) * texts * results['flops']['unet_forward']
                                       + results['flops']['decode'] + results['flops'].get('encode', 0))
     results['floor_s'] = results['flops']['generation'] / results['ceiling_tflops']
     rows.append(bench_ours(engine, args, f'modelscope-t2v eager ({str(engine.dtype)[6:]})'))
