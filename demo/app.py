@@ -16,7 +16,9 @@ import secrets
 import gradio as gr
 
 from modelscope_t2v import NonFiniteError  # importing the package registers the pipeline in ModelScope
+from modelscope_t2v.cli import COMPILE_HELP, compile_mode
 from modelscope_t2v.hub import DEFAULT_MODEL, HUBS, resolve_model_dir
+from modelscope_t2v.text_to_video import COMPILE_MODES, FAST_COMPILE_MODE
 from modelscope_t2v.schedulers import SAMPLERS
 
 EXAMPLES = [
@@ -33,12 +35,14 @@ def new_seed() -> int:
     return secrets.randbelow(2 ** 31)
 
 
-def load_pipeline(model: str, hub: str = 'huggingface', device: str = 'gpu', base_model: str | None = None):
+def load_pipeline(model: str, hub: str = 'huggingface', device: str = 'gpu', base_model: str | None = None,
+                  compile: str | bool = False):
     """The ModelScope text-to-video pipeline over a local model dir or a hub id (downloaded once), in either
-    layout; `base_model` supplies what a partial original-format folder lacks."""
+    layout; `base_model` supplies what a partial original-format folder lacks; `compile` a torch.compile mode."""
     from modelscope.pipelines import pipeline
     base = resolve_model_dir(base_model, hub) if base_model else None
-    return pipeline('text-to-video-synthesis', resolve_model_dir(model, hub), device=device, base_model=base)
+    return pipeline('text-to-video-synthesis', resolve_model_dir(model, hub), device=device, base_model=base,
+                    compile_unet=compile)
 
 
 def build_demo(pipe, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
@@ -117,12 +121,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--host', default=None, help='address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1)')
     parser.add_argument('--port', type=int, default=None, help='(default: $GRADIO_SERVER_PORT or 7860)')
     parser.add_argument('--queue-size', type=int, default=QUEUE_SIZE, help='waiting requests (default: %(default)s)')
+    parser.add_argument('--compile', action='store_true', help=COMPILE_HELP + '; a server pays it once, on its first request')
+    parser.add_argument('--compile-mode', choices=COMPILE_MODES, default=FAST_COMPILE_MODE,
+                        help="--compile's torch.compile mode (default: %(default)s)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    pipe = load_pipeline(args.model, args.hub, args.device, args.base_model)
+    pipe = load_pipeline(args.model, args.hub, args.device, args.base_model, compile_mode(args))
     build_demo(pipe, args.queue_size).launch(server_name=args.host, server_port=args.port)
 
 

@@ -15,6 +15,16 @@ import sys
 from .hub import DEFAULT_MODEL, HUBS
 from .request import MAX_FRAMES, MAX_SIDE
 from .schedulers import DEFAULT_SAMPLER, SAMPLERS
+from .text_to_video import COMPILE_MODES, FAST_COMPILE_MODE
+
+COMPILE_HELP = ('torch.compile the networks on CUDA: about 3.5 min on the first video of a process, 47 s when an '
+                'earlier process left its compiler caches; then a default video takes 1.3 s on an H200 against '
+                '4 s (docs/benchmarks.md). Ignored on the CPU')
+
+
+def compile_mode(args: argparse.Namespace):
+    """The torch.compile mode that --compile and --compile-mode ask for, or False."""
+    return args.compile_mode if args.compile else False
 
 EXAMPLE = 'modelscope-t2v "A panda eating bamboo on a rock." -o panda.mp4 --seed 42'
 
@@ -30,9 +40,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                             "--model lacks (zeroscope's zs2_576w/ has no autoencoder or configuration.json)")
     group.add_argument('--device', default='gpu',
                        help="'gpu' (CUDA when available, else CPU), 'cpu', 'cuda:1'... (default: %(default)s)")
-    group.add_argument('--compile', action='store_true',
-                       help='torch.compile the UNet and the decoder on CUDA: about 3 min once per process, '
-                            'then about 3x faster (docs/benchmarks.md)')
+    group.add_argument('--compile', action='store_true', help=COMPILE_HELP)
+    group.add_argument('--compile-mode', choices=COMPILE_MODES, default=FAST_COMPILE_MODE,
+                       help="--compile's torch.compile mode (default: %(default)s)")
     group.add_argument('--low-memory', action='store_true',
                        help='keep the text encoder and autoencoder on the CPU between uses; decode frame by frame')
     group.add_argument('--half-cache', action='store_true',
@@ -130,8 +140,13 @@ def resolve_models(args: argparse.Namespace) -> tuple:
 def load_pipeline(args: argparse.Namespace):
     """The ModelScope pipeline over the resolved model dir (the plugin registers on import)."""
     from modelscope.pipelines import pipeline
+
+    from .pipeline import torch_device
     model_dir, base_model = resolve_models(args)
-    options = {'compile_unet': args.compile, 'low_memory': args.low_memory, 'half_cache': args.half_cache,
+    if args.compile and torch_device(args.device).type == 'cuda':
+        print(f'modelscope-t2v: compiling the networks ({args.compile_mode}): the first video takes minutes, once per '
+              'process', file=sys.stderr)
+    options = {'compile_unet': compile_mode(args), 'low_memory': args.low_memory, 'half_cache': args.half_cache,
                'base_model': base_model}
     return pipeline('text-to-video-synthesis', model_dir, device=args.device, **options)
 
@@ -170,7 +185,7 @@ def run_upscale(args: argparse.Namespace, options: dict, strength) -> tuple:
     model_dir, base_model = resolve_models(args)
     device = torch_device(args.device)
     upscale_dir = resolve_model_dir(args.upscale_with, args.hub, device.type == 'cuda')
-    load = {'device': device, 'compile': args.compile, 'low_memory': args.low_memory,
+    load = {'device': device, 'compile': compile_mode(args), 'low_memory': args.low_memory,
             'half_cache': args.half_cache, 'base_model': base_model}
     result = generate_and_upscale(args.prompt, model_dir, upscale_dir, strength or DEFAULT_STRENGTH, load, **options)
     return result.paths, result.parameters

@@ -70,7 +70,7 @@ def write_original(path: str, config: ModelConfig, states: tuple, safetensors: b
         autoencoder_file = {'state_dict': {AUTOENCODER_PREFIX + k: v for k, v in autoencoder.items()}}
     _write_json(os.path.join(path, config_lib.CONFIG_FILE), config_lib.configuration_json(config, 'original'))
     for name, state in ((config.ckpt_clip, text), (config.ckpt_unet, unet), (config.ckpt_autoencoder, autoencoder_file)):
-        _save(state, os.path.join(path, name))
+        save_state_dict(state, os.path.join(path, name))
 
 
 def write_diffusers(path: str, config: ModelConfig, states: tuple, safetensors: bool) -> None:
@@ -90,7 +90,7 @@ def write_diffusers(path: str, config: ModelConfig, states: tuple, safetensors: 
     for sub, sub_config, state, stem in networks:
         os.makedirs(os.path.join(path, sub))
         _write_json(os.path.join(path, sub, 'config.json'), sub_config)
-        _save(state, os.path.join(path, sub, f'{stem}.{"safetensors" if safetensors else "bin"}'))
+        save_state_dict(state, os.path.join(path, sub, f'{stem}.{"safetensors" if safetensors else "bin"}'))
     os.makedirs(os.path.join(path, 'tokenizer'))
     for name, text_file in tokenizer.hf_tokenizer_files(config.text.context_length).items():
         with open(os.path.join(path, 'tokenizer', name), 'w', encoding='utf-8') as f:
@@ -110,7 +110,7 @@ def scheduler_config(config: ModelConfig) -> dict:
     return {'_class_name': class_name, **training_schedule(config.diffusion), **extra}
 
 
-def _save(state: dict, path: str) -> None:
+def save_state_dict(state: dict, path: str) -> None:
     """A state dict as safetensors (by the extension) or a torch pickle."""
     if path.endswith('.safetensors'):
         from safetensors.torch import save_file

@@ -40,6 +40,7 @@ CUDA_DECODE_CHUNK_FRAMES = 4
 LOW_MEMORY_DECODE_CHUNK_FRAMES = 1
 REQUEST_LORA = 'request '   # the names of a request's own LoRAs start so
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+FAST_COMPILE_MODE = 'reduce-overhead'   # with CUDA graphs: the fastest path measured (docs/benchmarks.md)
 
 
 @dataclass

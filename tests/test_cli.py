@@ -93,3 +93,16 @@ def test_bad_device_is_a_user_error(tiny_model_dir):
     assert result.returncode == 2
     assert result.stderr == ("modelscope-t2v: error: device='bogus' is not one of cpu, gpu, cuda, gpu:N, cuda:N "
                              '(N: the index of a GPU)\n')
+
+
+@pytest.mark.parametrize('flags, mode', [([], False), (['--compile'], 'reduce-overhead'),
+                                         (['--compile', '--compile-mode', 'default'], 'default')])
+def test_compile_flag_defaults_to_cuda_graphs(flags, mode):
+    from modelscope_t2v.cli import build_parser, compile_mode
+    assert compile_mode(build_parser().parse_args([*flags, 'a kite'])) == mode
+
+
+def test_compile_mode_refuses_a_mode_torch_compile_lacks():
+    result = run_cli('a kite', '--compile', '--compile-mode', 'fastest', '--device', 'cpu')
+    assert result.returncode == 2
+    assert "invalid choice: 'fastest'" in result.stderr and 'reduce-overhead' in result.stderr

@@ -231,7 +231,7 @@ def test_convert_casts_refuses_to_overwrite_and_leaves_nothing_on_failure(origin
 
     def fail(state, path):
         raise OSError('disk full')
-    monkeypatch.setattr(convert_lib, '_save', fail)
+    monkeypatch.setattr(convert_lib, 'save_state_dict', fail)
     with pytest.raises(OSError, match='disk full'):
         convert_lib.convert(original, str(tmp_path / 'broken'), 'diffusers')
     assert sorted(os.listdir(tmp_path)) == ['half']   # no half-written folder, no temporary one

@@ -93,20 +93,12 @@ def _write_original(path: str, folder: ModelFolder, trained: dict, module) -> No
     with open(os.path.join(path, config_lib.CONFIG_FILE), 'w', encoding='utf-8') as f:
         json.dump(config_lib.configuration_json(config, 'original'), f, indent=2)
     text_file, unet_file, vae_file = (files[0] for files in folder.weights)
-    _save(trained['unet'], os.path.join(path, config.ckpt_unet))
+    convert.save_state_dict(trained['unet'], os.path.join(path, config.ckpt_unet))
     shutil.copy2(vae_file, os.path.join(path, config.ckpt_autoencoder))
     if 'text_encoder' in trained:
-        _save(trained['text_encoder'], os.path.join(path, config.ckpt_clip))
+        convert.save_state_dict(trained['text_encoder'], os.path.join(path, config.ckpt_clip))
     else:
         shutil.copy2(text_file, os.path.join(path, config.ckpt_clip))
-
-
-def _save(state: dict, path: str) -> None:
-    if path.endswith('.safetensors'):
-        from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in state.items()}, path)
-    else:
-        torch.save(state, path)
 
 
 def _replace(temp: str, target: str) -> None:
