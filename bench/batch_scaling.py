@@ -24,8 +24,8 @@ from modelscope_t2v.tools.make_random_model import write_model_dir  # noqa: E402
 
 
 def run_batch(gpus: int, prompts: str, model_dir: str, out_dir: str, compile: bool) -> float:
-    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc-per-node={gpus}', '-m', 'modelscope_t2v.batch', prompts,
-           '--out', out_dir, '--model', model_dir, '--no-progress'] + ['--compile'] * compile
+    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc-per-node={gpus}', '-m', 'modelscope_t2v.batch',
+           prompts, '--out', out_dir, '--model', model_dir, '--no-progress'] + ['--compile'] * compile
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
     return time.perf_counter() - start
@@ -61,7 +61,8 @@ def main():
                      'steady_videos_per_minute': steady})
         print(json.dumps(rows[-1]), flush=True)
     import torch
-    result = {'device': torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', 'torch': torch.__version__,
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'
+    result = {'device': device, 'torch': torch.__version__,
               'date': time.strftime('%Y-%m-%d'), 'rows': rows}
     with open(args.out, 'w') as f:
         json.dump(result, f, indent=2)

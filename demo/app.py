@@ -121,7 +121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--host', default=None, help='address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1)')
     parser.add_argument('--port', type=int, default=None, help='(default: $GRADIO_SERVER_PORT or 7860)')
     parser.add_argument('--queue-size', type=int, default=QUEUE_SIZE, help='waiting requests (default: %(default)s)')
-    parser.add_argument('--compile', action='store_true', help=COMPILE_HELP + '; a server pays it once, on its first request')
+    parser.add_argument('--compile', action='store_true',
+                        help=COMPILE_HELP + '; a server pays it once, on its first request')
     parser.add_argument('--compile-mode', choices=COMPILE_MODES, default=FAST_COMPILE_MODE,
                         help="--compile's torch.compile mode (default: %(default)s)")
     return parser.parse_args(argv)

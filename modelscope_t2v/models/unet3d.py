@@ -108,10 +108,11 @@ class TemporalConv(nn.Module):
 
     def forward(self, x):
         # x: (b, c, f, h, w)
-        if not self.as_gemm or not all(is_plain(stage[-1]) for stage in (self.conv1, self.conv2, self.conv3, self.conv4)):
+        stages = (self.conv1, self.conv2, self.conv3, self.conv4)
+        if not self.as_gemm or not all(is_plain(stage[-1]) for stage in stages):
             return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
         h = x
-        for stage in (self.conv1, self.conv2, self.conv3, self.conv4):
+        for stage in stages:
             h = frame_conv_as_gemm(stage[:-1](h), stage[-1])
         return x + h
 
