@@ -1,7 +1,8 @@
 """GPU benchmark of LoRA training: peak memory and steps/s of the real-size model.
 
     python bench/train_memory.py [--steps 20] [--rank 16] [--size 256] [--frames 16] [--precision bf16-mixed]
-                                 [--no-checkpointing] [--cache-latents] [--model-dir DIR]
+                                 [--no-checkpointing] [--cache-latents] [--target lora|full]
+                                 [--optimizer adamw|adamw8bit] [--strategy auto|fsdp|ddp] [--model-dir DIR]
     python bench/train_memory.py --tiny          # the tiny model on the CPU: proves the script runs
 
 Builds (once, in --model-dir) a random-weight model of the real shapes (random weights do the same arithmetic), one
@@ -79,6 +80,9 @@ def main(argv=None) -> dict:
     parser.add_argument('--precision', default=None, help="Lightning's (default: bf16-mixed on CUDA, else 32-true)")
     parser.add_argument('--no-checkpointing', action='store_true', help='without gradient checkpointing')
     parser.add_argument('--cache-latents', action='store_true', help='encode the clip once, before the steps')
+    parser.add_argument('--target', choices=('lora', 'full'), default='lora', help='full: every UNet weight')
+    parser.add_argument('--optimizer', choices=('adamw', 'adamw8bit'), default='adamw')
+    parser.add_argument('--strategy', default='auto', help="Lightning's: 'auto', 'fsdp', 'ddp', ...")
     parser.add_argument('--model-dir', default=None)
     args = parser.parse_args(argv)
     if args.tiny:
@@ -98,7 +102,8 @@ def main(argv=None) -> dict:
 
     config = TrainConfig(
         model=model_dir, output_dir=os.path.join(work, 'out'), data_dir=data_dir, width=args.size, height=args.size,
-        n_sample_frames=args.frames, lora_rank=args.rank, max_steps=args.steps, batch_size=1,
+        n_sample_frames=args.frames, target=args.target, lora_rank=args.rank, optimizer=args.optimizer,
+        strategy=args.strategy, max_steps=args.steps, batch_size=1,
         gradient_checkpointing=not args.no_checkpointing, cache_latents=args.cache_latents,
         precision=args.precision or ('bf16-mixed' if cuda else '32-true'), accelerator='gpu' if cuda else 'cpu',
         devices=1, progress_bar=False, checkpoint_every_n_steps=10 ** 6, log_every_n_steps=10 ** 6)
@@ -113,7 +118,9 @@ def main(argv=None) -> dict:
     step_times = np.diff(clock.times)[args.warm_up:]
     result = {
         'device': torch.cuda.get_device_name() if cuda else 'cpu', 'torch': torch.__version__,
-        'model': 'tiny' if args.tiny else 'full', 'size': args.size, 'frames': args.frames, 'lora_rank': args.rank,
+        'model': 'tiny' if args.tiny else 'full', 'size': args.size, 'frames': args.frames, 'target': args.target,
+        'lora_rank': args.rank if args.target == 'lora' else None, 'optimizer': args.optimizer,
+        'strategy': args.strategy,
         'precision': config.precision, 'gradient_checkpointing': config.gradient_checkpointing,
         'cache_latents': args.cache_latents, 'steps_timed': len(step_times),
         'steps_per_s': float(1 / step_times.mean()), 'loss_last': module.losses()[-1][1],

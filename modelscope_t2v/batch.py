@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -55,6 +56,11 @@ EXAMPLE = ('prompts.jsonl:  {"text": "A panda eating bamboo on a rock.", "seed":
            '                {"text": "A red kite over the sea.", "num_frames": 24, "output": "kite.mp4"}\n'
            'one GPU:        modelscope-t2v batch prompts.jsonl --out videos\n'
            'N GPUs:         torchrun --nproc-per-node N -m modelscope_t2v.batch prompts.jsonl --out videos')
+
+
+# Compiling pays back from about this many videos of one shape: on an H200 a cold compile takes 210 s and then
+# saves 2.7 s a default video (compiled 1.30 s against eager 3.98 s, docs/benchmarks.md); each shape compiles anew.
+COMPILE_PAYS_BACK_AFTER = 80
 
 
 @dataclass
@@ -315,42 +321,86 @@ def resolve_model(args, ranks: Ranks) -> tuple:
     return dirs
 
 
-def generate(pipe, item: Item, out_dir: str, rank: int) -> dict:
-    """Make one item's video; its manifest entry."""
+def generate(pipe, item: Item, rank: int) -> Tuple[object, dict]:
+    """Make one item's frames (f, h, w, 3) uint8 on the GPU; (frames, its manifest entry)."""
     options = {k: v for k, v in item.values.items() if k not in ('text', 'output')}
-    options.update(seed=item.request.seed, output_video=os.path.join(out_dir, item.output))
-    os.makedirs(os.path.dirname(options['output_video']), exist_ok=True)   # the line's folders, if any
+    options.update(seed=item.request.seed, output_type='frames')
     if item.request.show_progress is not None:
         options['show_progress'] = item.request.show_progress
     start = time.perf_counter()
     out = pipe({'text': item.values['text']}, **options)
-    seconds = time.perf_counter() - start
-    parameters = {k: v for k, v in out['parameters'].items() if k != 'output_video'}
-    return {'line': item.line, 'output': item.output, 'seconds': round(seconds, 3), 'parameters': parameters,
-            'request': item.values, 'rank': rank, 'finished_at': time.time()}
+    entry = {'line': item.line, 'output': item.output, 'seconds': time.perf_counter() - start,
+             'parameters': out['parameters'], 'request': item.values, 'rank': rank}
+    return out['frames'], entry
+
+
+def write_item(frames, entry: dict, out_dir: str) -> dict:
+    """Encode one item's video as the pipeline would (its parameters in the file's comment); the entry, timed."""
+    start = time.perf_counter()
+    path = os.path.join(out_dir, entry['output'])
+    os.makedirs(os.path.dirname(path), exist_ok=True)   # the line's folders, if any
+    params = entry['parameters']
+    video_io.write_video(frames, path, fps=params['fps'], metadata={'comment': json.dumps(params)})
+    seconds = entry['seconds'] + time.perf_counter() - start
+    return {**entry, 'seconds': round(seconds, 3), 'finished_at': time.time()}
 
 
 def run_items(args, items: List[Item], done: Dict[int, dict], ranks: Ranks, dirs: tuple) -> List[int]:
-    """Make this rank's unfinished items; counts [made, skipped, failed]."""
+    """Make this rank's unfinished items; counts [made, skipped, failed]. A video's file is encoded on a
+    background thread while the GPU makes the next one; at most one file is being written at a time."""
     mine = [item for item in items if (item.line - 1) % ranks.world_size == ranks.rank]
     todo = [item for item in mine if args.overwrite or not is_finished(item, done.get(item.line), args.out)]
     manifest = os.path.join(args.out, MANIFEST if not ranks.distributed else RANK_MANIFEST.format(ranks.rank))
-    made = failed = 0
-    if todo:  # the model is loaded once, and only when there is work
-        pipe = load_pipeline(argparse.Namespace(**{**vars(args), 'model': dirs[0], 'base_model': dirs[1]}))
-    for item in todo:
+    counts = {'made': 0, 'failed': 0}
+    if not todo:  # the model is loaded once, and only when there is work
+        return [0, len(mine), 0]
+    args.compile = compile_pays_back(args, todo)
+    pipe = load_pipeline(argparse.Namespace(**{**vars(args), 'model': dirs[0], 'base_model': dirs[1]}))
+
+    def finish(item: Item, writing: Future) -> None:
         try:
-            entry = generate(pipe, item, args.out, ranks.rank)
-        except Exception as error:  # e.g. out of memory at one size: report it, go on with the rest
-            logger.debug('line %d failed', item.line, exc_info=True)
-            print(f'modelscope-t2v batch: line {item.line}: failed: {type(error).__name__}: {error}',
-                  file=sys.stderr)
-            failed += 1
-            continue
+            entry = writing.result()
+        except Exception as error:  # e.g. a full disk: that line failed, the next may not
+            return report_failure(item, error, counts)
         append_entry(manifest, entry)
         print(os.path.join(args.out, item.output), flush=True)
-        made += 1
-    return [made, len(mine) - len(todo), failed]
+        counts['made'] += 1
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix='modelscope-t2v-writer') as writer:
+        pending = None   # (item, its file being written)
+        for item in todo:
+            try:
+                frames, entry = generate(pipe, item, ranks.rank)
+            except Exception as error:  # e.g. out of memory at one size: report it, go on with the rest
+                report_failure(item, error, counts)
+                continue
+            if pending:
+                finish(*pending)
+            pending = (item, writer.submit(write_item, frames, entry, args.out))
+        if pending:
+            finish(*pending)
+    return [counts['made'], len(mine) - len(todo), counts['failed']]
+
+
+def compile_pays_back(args, todo: List[Item]) -> bool:
+    """--compile or --no-compile as given; without either, compile on CUDA when this rank has at least
+    COMPILE_PAYS_BACK_AFTER videos for each shape (frames, height, width) among its lines. Says which on stderr."""
+    from .pipeline import torch_device
+    if args.compile is not None or torch_device(args.device).type != 'cuda':
+        return bool(args.compile)
+    shapes = {(i.request.num_frames, i.request.height, i.request.width) for i in todo}
+    enough = len(todo) >= COMPILE_PAYS_BACK_AFTER * len(shapes)
+    print(f'modelscope-t2v batch: {len(todo)} videos in {len(shapes)} shape(s): '
+          + ('compiling pays back, compiling' if enough else
+             f'not compiling (it pays back from about {COMPILE_PAYS_BACK_AFTER} videos a shape; --compile forces it)'),
+          file=sys.stderr)
+    return enough
+
+
+def report_failure(item: Item, error: Exception, counts: dict) -> None:
+    logger.debug('line %d failed', item.line, exc_info=(type(error), error, error.__traceback__))
+    print(f'modelscope-t2v batch: line {item.line}: failed: {type(error).__name__}: {error}', file=sys.stderr)
+    counts['failed'] += 1
 
 
 def run_batch(argv) -> int:

@@ -40,7 +40,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                             "--model lacks (zeroscope's zs2_576w/ has no autoencoder or configuration.json)")
     group.add_argument('--device', default='gpu',
                        help="'gpu' (CUDA when available, else CPU), 'cpu', 'cuda:1'... (default: %(default)s)")
-    group.add_argument('--compile', action='store_true', help=COMPILE_HELP)
+    group.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
+                       help=COMPILE_HELP + '. Without --compile or --no-compile, one video is made uncompiled (it would '
+                       'not pay back) and a batch job compiles when it has about 80 videos of one shape to make')
     group.add_argument('--compile-mode', choices=COMPILE_MODES, default=FAST_COMPILE_MODE,
                        help="--compile's torch.compile mode (default: %(default)s)")
     group.add_argument('--low-memory', action='store_true',

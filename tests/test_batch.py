@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -172,3 +173,83 @@ def test_a_stale_manifest_partial_of_a_killed_run_is_removed(tmp_path):
     batch.append_entry(str(tmp_path / 'manifest.rank0.jsonl'), {'line': 1, 'finished_at': 1.0})
     assert list(batch.merge_manifests(str(tmp_path), remove_rank_files=True)) == [1]
     assert sorted(os.listdir(tmp_path)) == ['manifest.jsonl', 'manifest.jsonl.partial-4343']
+
+
+def test_a_file_is_written_while_the_next_video_is_made(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Line 1's file waits until line 2's generation has started: a batch that wrote before generating the next
+    video would stop here (the wait times out and the line fails). The files are the pipeline's own: the
+    parameters in their comment, as a pipeline call with output_video writes them."""
+    from modelscope.pipelines import pipeline
+    from modelscope_t2v import video_io
+    second_started, call, write = threading.Event(), TextToVideo.__call__, video_io.write_video
+
+    def generating(self, request):
+        if 'line 2' in request.prompts:
+            second_started.set()
+        return call(self, request)
+
+    def writing(frames, path, **options):
+        if path.endswith('00001.mp4') and not second_started.wait(timeout=60):
+            raise TimeoutError('line 2 was not started while line 1 was written')
+        return write(frames, path, **options)
+
+    monkeypatch.setattr(TextToVideo, '__call__', generating)
+    monkeypatch.setattr(video_io, 'write_video', writing)
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    prompts = write_lines(tmp_path / 'prompts.jsonl', [{'text': f'line {n}', 'seed': n} for n in (1, 2)])
+    out = tmp_path / 'out'
+    assert batch.main([prompts, '--out', str(out), '--model', tiny_model_dir] + TINY_FLAGS) == 0, capsys.readouterr()
+    entries = manifest(out / 'manifest.jsonl')
+    assert [e['line'] for e in entries] == [1, 2]
+    alone = pipeline('text-to-video-synthesis', tiny_model_dir, device='cpu')(
+        {'text': 'line 1'}, seed=1, num_frames=2, height=64, width=64, num_inference_steps=1, guidance_scale=1.0,
+        output_video=str(tmp_path / 'alone.mp4'))
+    assert probe_video(out / '00001.mp4') == probe_video(alone['output_video'])   # codec, size, frames, comment
+    assert json.loads(probe_video(out / '00001.mp4')['comment']) == entries[0]['parameters']
+    assert (video_io.read_frames(out / '00001.mp4') == video_io.read_frames(alone['output_video'])).all()
+
+
+def test_a_file_that_cannot_be_written_fails_its_line_only(tiny_model_dir, tmp_path, generated, monkeypatch, capsys):
+    from modelscope_t2v import video_io
+    write = video_io.write_video
+
+    def writing(frames, path, **options):
+        if path.endswith('00002.mp4'):
+            raise OSError(28, 'No space left on device')
+        return write(frames, path, **options)
+
+    monkeypatch.setattr(video_io, 'write_video', writing)
+    prompts = write_lines(tmp_path / 'prompts.jsonl', [{'text': f'line {n}', 'seed': n} for n in (1, 2, 3)])
+    out = tmp_path / 'out'
+    assert batch.main([prompts, '--out', str(out), '--model', tiny_model_dir] + TINY_FLAGS) == batch.EXIT_SOME_FAILED
+    assert 'line 2: failed: OSError: [Errno 28] No space left on device' in capsys.readouterr().err
+    assert generated == ['line 1', 'line 2', 'line 3']
+    assert [e['line'] for e in manifest(out / 'manifest.jsonl')] == [1, 3]
+    assert sorted(os.listdir(out)) == ['00001.mp4', '00003.mp4', 'manifest.jsonl']
+
+
+@pytest.mark.parametrize('flag, shapes, videos, compiles', [
+    (None, [(16, 256, 256)], 79, False), (None, [(16, 256, 256)], 80, True),
+    (None, [(16, 256, 256), (24, 320, 576)], 159, False), (None, [(16, 256, 256), (24, 320, 576)], 160, True),
+    (True, [(16, 256, 256)], 1, True), (False, [(16, 256, 256)], 1000, False)])
+def test_a_batch_compiles_when_it_pays_back(monkeypatch, capsys, flag, shapes, videos, compiles):
+    import torch
+    from types import SimpleNamespace
+    from modelscope_t2v import pipeline
+    monkeypatch.setattr(pipeline, 'torch_device', lambda name: torch.device('cuda'))
+    todo = [SimpleNamespace(request=SimpleNamespace(num_frames=f, height=h, width=w))
+            for i in range(videos) for f, h, w in [shapes[i % len(shapes)]]]
+    assert batch.compile_pays_back(SimpleNamespace(compile=flag, device='gpu'), todo) is compiles
+    said = capsys.readouterr().err
+    if flag is None:   # the choice is announced
+        assert f'{videos} videos in {len(shapes)} shape(s): ' in said
+        assert ('compiling pays back' in said) is compiles and ('not compiling' in said) is not compiles
+    else:
+        assert said == ''
+
+
+def test_a_batch_on_the_cpu_never_compiles(capsys):
+    from types import SimpleNamespace
+    todo = [SimpleNamespace(request=SimpleNamespace(num_frames=16, height=256, width=256))] * 500
+    assert batch.compile_pays_back(SimpleNamespace(compile=None, device='cpu'), todo) is False
+    assert capsys.readouterr().err == ''

@@ -95,7 +95,7 @@ def test_bad_device_is_a_user_error(tiny_model_dir):
                              '(N: the index of a GPU)\n')
 
 
-@pytest.mark.parametrize('flags, mode', [([], False), (['--compile'], 'reduce-overhead'),
+@pytest.mark.parametrize('flags, mode', [([], False), (['--no-compile'], False), (['--compile'], 'reduce-overhead'),
                                          (['--compile', '--compile-mode', 'default'], 'default')])
 def test_compile_flag_defaults_to_cuda_graphs(flags, mode):
     from modelscope_t2v.cli import build_parser, compile_mode

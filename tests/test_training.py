@@ -219,6 +219,25 @@ def test_ddp_two_processes_on_the_cpu(tiny_model_dir, data_dir, tmp_path):
     assert len(read_lora(export / STABLE_LORA_FILE, TINY)) == 120
 
 
+def test_fsdp_clips_through_fsdp_and_other_strategies_through_lightning(lora_run, monkeypatch):
+    """Lightning's FSDP precision refuses to clip by norm (the H200 run of bench/train_memory.py --strategy fsdp
+    stopped there); the module hands the norm to the FSDP-wrapped model's clip_grad_norm_ instead."""
+    import pytorch_lightning as pl
+    module = run.build_module(lora_run[0], run.open_model(lora_run[0]))
+    clipped = []
+    wrapped = type('FSDPWrapped', (), {'clip_grad_norm_': lambda self, norm: clipped.append(norm)})()
+    fsdp = pl.strategies.FSDPStrategy()
+    monkeypatch.setattr(pl.strategies.FSDPStrategy, 'model', property(lambda self: wrapped))
+    monkeypatch.setattr(module, '_trainer', type('Trainer', (), {'strategy': fsdp})())
+    module.configure_gradient_clipping(None, 0.5, 'norm')
+    assert clipped == [0.5]
+    lightning = []
+    monkeypatch.setattr(pl.LightningModule, 'clip_gradients', lambda self, *args, **kw: lightning.append(args))
+    monkeypatch.setattr(module, '_trainer', type('Trainer', (), {'strategy': pl.strategies.DDPStrategy()})())
+    module.configure_gradient_clipping('optimizer', 0.5, 'norm')
+    assert (clipped, lightning) == ([0.5], [('optimizer',)])
+
+
 # -- data --------------------------------------------------------------------------------------
 
 def test_json_dataset_buckets_and_batches(tmp_path):

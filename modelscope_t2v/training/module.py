@@ -166,6 +166,14 @@ class TextToVideoTraining(pl.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         return {'optimizer': optimizer, 'lr_scheduler': {'scheduler': schedule, 'interval': 'step'}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Lightning's clipping, except under FSDP, whose precision plugin clips by value only: there FSDP's own
+        clip_grad_norm_ takes the norm over every rank's shard."""
+        if gradient_clip_val and isinstance(self.trainer.strategy, pl.strategies.FSDPStrategy):
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def on_fit_start(self) -> None:
         """Fill the latent cache: rank r encodes clips r, r + w, ...; then all ranks wait for each other."""
         dataset = getattr(getattr(self.trainer, 'datamodule', None), 'dataset', None)
