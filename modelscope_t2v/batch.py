@@ -58,8 +58,8 @@ EXAMPLE = ('prompts.jsonl:  {"text": "A panda eating bamboo on a rock.", "seed":
            'N GPUs:         torchrun --nproc-per-node N -m modelscope_t2v.batch prompts.jsonl --out videos')
 
 
-# Compiling pays back from about this many videos of one shape: on an H200 a cold compile takes 210 s and then
-# saves 2.7 s a default video (compiled 1.30 s against eager 3.98 s, docs/benchmarks.md); each shape compiles anew.
+# Compiling pays back from about this many videos of one shape: on an H200 a cold compile takes 190 s and then
+# saves 2.4 s a default video (compiled 1.30 s against eager 3.69 s, docs/benchmarks.md); each shape compiles anew.
 COMPILE_PAYS_BACK_AFTER = 80
 
 
