@@ -2,14 +2,16 @@
 
     python bench/train_memory.py [--steps 20] [--rank 16] [--size 256] [--frames 16] [--precision bf16-mixed]
                                  [--no-checkpointing] [--cache-latents] [--target lora|full]
-                                 [--optimizer adamw|adamw8bit] [--strategy auto|fsdp|ddp] [--model-dir DIR]
+                                 [--optimizer adamw|adamw8bit] [--strategy auto|fsdp|ddp] [--devices N]
+                                 [--model-dir DIR]
     python bench/train_memory.py --tiny          # the tiny model on the CPU: proves the script runs
 
 Builds (once, in --model-dir) a random-weight model of the real shapes (random weights do the same arithmetic), one
 synthetic clip of --frames frames of --size x --size, then trains a LoRA of --rank on the UNet's spatial and temporal
 attentions, batch 1, with gradient checkpointing, through modelscope_t2v.training (Lightning). Prints the peak CUDA
 memory (torch.cuda.max_memory_allocated: over the whole fit, and over the training steps alone) and the steps/s of
-the steps after the first --warm-up.
+the steps after the first --warm-up. With --devices N (DDP or FSDP), rank 0 prints its own figures; clips_per_s is
+the N ranks' throughput, one clip a step each.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ def main(argv=None) -> dict:
     parser.add_argument('--target', choices=('lora', 'full'), default='lora', help='full: every UNet weight')
     parser.add_argument('--optimizer', choices=('adamw', 'adamw8bit'), default='adamw')
     parser.add_argument('--strategy', default='auto', help="Lightning's: 'auto', 'fsdp', 'ddp', ...")
+    parser.add_argument('--devices', type=int, default=1, help='GPUs, one process each (with --strategy ddp or fsdp)')
     parser.add_argument('--model-dir', default=None)
     args = parser.parse_args(argv)
     if args.tiny:
@@ -106,7 +109,7 @@ def main(argv=None) -> dict:
         strategy=args.strategy, max_steps=args.steps, batch_size=1,
         gradient_checkpointing=not args.no_checkpointing, cache_latents=args.cache_latents,
         precision=args.precision or ('bf16-mixed' if cuda else '32-true'), accelerator='gpu' if cuda else 'cpu',
-        devices=1, progress_bar=False, checkpoint_every_n_steps=10 ** 6, log_every_n_steps=10 ** 6)
+        devices=args.devices, progress_bar=False, checkpoint_every_n_steps=10 ** 6, log_every_n_steps=10 ** 6)
     folder = run.open_model(config)
     pl.seed_everything(0, verbose=False)
     module = run.build_module(config, folder)
@@ -115,15 +118,17 @@ def main(argv=None) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, datamodule=ClipDataModule(config, folder.config, run.autoencoder_id(folder)))
+    if trainer.global_rank != 0:
+        return {}   # rank 0 reports its clock, loss and memory: every rank runs the same steps
     step_times = np.diff(clock.times)[args.warm_up:]
     result = {
         'device': torch.cuda.get_device_name() if cuda else 'cpu', 'torch': torch.__version__,
         'model': 'tiny' if args.tiny else 'full', 'size': args.size, 'frames': args.frames, 'target': args.target,
         'lora_rank': args.rank if args.target == 'lora' else None, 'optimizer': args.optimizer,
-        'strategy': args.strategy,
+        'strategy': args.strategy, 'devices': args.devices,
         'precision': config.precision, 'gradient_checkpointing': config.gradient_checkpointing,
         'cache_latents': args.cache_latents, 'steps_timed': len(step_times),
-        'steps_per_s': float(1 / step_times.mean()), 'loss_last': module.losses()[-1][1],
+        'steps_per_s': float(1 / step_times.mean()), 'clips_per_s': float(args.devices / step_times.mean()), 'loss_last': module.losses()[-1][1],
         'peak_allocated_gib': torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
         'peak_allocated_steps_gib': clock.peak_steps if cuda else None,
         'trained_parameters': sum(p.numel() for p in module.trained_tensors().values()),
