@@ -5,9 +5,9 @@
 Each process is a new Python interpreter that imports the package, loads the model with compile=, and makes two
 default generations (16 frames of 256x256, DDIM 50, guidance 9). The first one pays for compiling; start-up is
 the time from the process's start to its first video, less the second video's time: what a user waits for
-beyond one generation. Each row also gives torch.compile's own timers (seconds summed per phase, 0.5 s or more:
-tracing, inductor, cache loads), and what is left of the first video is CUDA-graph recording and running. The processes share one inductor and Triton cache folder (emptied before the first), as
-two runs on one machine do.
+beyond one generation. The processes share one inductor and Triton cache folder (emptied before the first), as
+two runs on one machine do. Each row also gives torch.compile's own timers (seconds summed per phase, 0.5 s or
+more: tracing, inductor, cache loads); what they leave of the first video is CUDA-graph recording and running.
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ print(json.dumps({'import_s': imported - started, 'load_s': loaded - imported, '
 
 def run_process(model_dir: str, mode: str, cache: str) -> dict:
     """One fresh process's timings (seconds), with the compiler caches in `cache`."""
+    path = os.pathsep.join(filter(None, [os.path.join(HERE, '..'), os.environ.get('PYTHONPATH')]))
     env = {**os.environ, 'TORCHINDUCTOR_CACHE_DIR': os.path.join(cache, 'inductor'),
-           'TRITON_CACHE_DIR': os.path.join(cache, 'triton'), 'PYTHONPATH': os.pathsep.join(filter(None, [os.path.join(HERE, '..'), os.environ.get('PYTHONPATH')]))}
+           'TRITON_CACHE_DIR': os.path.join(cache, 'triton'), 'PYTHONPATH': path}
     out = subprocess.run([sys.executable, '-c', CHILD, model_dir, mode, repr(time.time())], env=env, check=True,
                          stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -64,7 +65,8 @@ def main():
     parser.add_argument('--model-dir', default=os.path.join(tempfile.gettempdir(), 'modelscope-t2v-bench'))
     parser.add_argument('--processes', type=int, default=2)
     parser.add_argument('--compile-mode', default='reduce-overhead')
-    parser.add_argument('--cache-dir', default=None, help='the compiler caches (emptied first; default: a new temp dir)')
+    parser.add_argument('--cache-dir', default=None,
+                        help='the compiler caches (emptied first; default: a new temp dir)')
     args = parser.parse_args()
     if not os.path.exists(os.path.join(args.model_dir, 'configuration.json')):
         write_model_dir(args.model_dir, FULL)

@@ -41,8 +41,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--device', default='gpu',
                        help="'gpu' (CUDA when available, else CPU), 'cpu', 'cuda:1'... (default: %(default)s)")
     group.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
-                       help=COMPILE_HELP + '. Without --compile or --no-compile, one video is made uncompiled (it would '
-                       'not pay back) and a batch job compiles when it has about 80 videos of one shape to make')
+                       help=COMPILE_HELP + '. Without --compile or --no-compile, one video is made uncompiled (it '
+                       'would not pay back) and a batch job compiles when it has about 80 videos of one shape to make')
     group.add_argument('--compile-mode', choices=COMPILE_MODES, default=FAST_COMPILE_MODE,
                        help="--compile's torch.compile mode (default: %(default)s)")
     group.add_argument('--low-memory', action='store_true',
