@@ -37,6 +37,7 @@ from . import scratch, video_io
 from .cli import add_generation_flags, add_model_flags, generation_options, guarded, load_pipeline, resolve_models
 from .model_folder import open_folder
 from .request import GenerationRequest, parse_request
+from .text_to_video import write_generated_video
 from .video_io import probe_video
 
 logger = logging.getLogger(__name__)
@@ -339,8 +340,7 @@ def write_item(frames, entry: dict, out_dir: str) -> dict:
     start = time.perf_counter()
     path = os.path.join(out_dir, entry['output'])
     os.makedirs(os.path.dirname(path), exist_ok=True)   # the line's folders, if any
-    params = entry['parameters']
-    video_io.write_video(frames, path, fps=params['fps'], metadata={'comment': json.dumps(params)})
+    write_generated_video(frames, path, entry['parameters'])
     seconds = entry['seconds'] + time.perf_counter() - start
     return {**entry, 'seconds': round(seconds, 3), 'finished_at': time.time()}
 

@@ -367,7 +367,7 @@ class TextToVideo:
         # 6. write one file per video
         paths = output_paths(request.output_video, request.num_videos)
         for path, clip, params in zip(paths, frames, parameters):
-            video_io.write_video(clip, path, fps=request.fps, metadata={'comment': json.dumps(params)})
+            write_generated_video(clip, path, params)
             params['output_video'] = path
         return GenerationResult(parameters=parameters, paths=paths, frames=frames)
 
@@ -511,6 +511,11 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     """
     video = ((video.float() * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8)
     return rearrange(video, 'n c f h w -> n f h w c').cpu().numpy()
+
+
+def write_generated_video(frames: np.ndarray, path: str, parameters: dict) -> None:
+    """One generated video's file: uint8 frames (f, h, w, 3) at its fps, its parameters as JSON in the comment."""
+    video_io.write_video(frames, path, fps=parameters['fps'], metadata={'comment': json.dumps(parameters)})
 
 
 def output_paths(output_video, n: int) -> List[str]:
