@@ -165,7 +165,8 @@ class TextToVideo:
             module.to('cpu')
 
     def decode_chunk_frames(self, request: GenerationRequest) -> Optional[int]:
-        """Frames the autoencoder decodes at once for `request`: its own choice, else per device (None: all)."""
+        """Frames the autoencoder encodes (a starting video's) or decodes at once for `request`: its own choice,
+        else per device (None: all): the encoder's full-size activations of every frame in a pass otherwise."""
         if request.decode_chunk_frames is not None or self.device.type != 'cuda':
             return request.decode_chunk_frames
         return LOW_MEMORY_DECODE_CHUNK_FRAMES if self.low_memory else CUDA_DECODE_CHUNK_FRAMES
@@ -314,7 +315,7 @@ class TextToVideo:
                                    antialias=True).clamp(-1, 1)
         pixels = rearrange(pixels, 'f c h w -> 1 c f h w').to(self.dtype)
         with self.on_device(self.autoencoder) as autoencoder:
-            latents = autoencoder.encode_video(pixels, request.generator, request.decode_chunk_frames)
+            latents = autoencoder.encode_video(pixels, request.generator, self.decode_chunk_frames(request))
         return latents.expand(n, -1, -1, -1, -1)
 
     @torch.no_grad()

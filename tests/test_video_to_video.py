@@ -99,6 +99,21 @@ def test_the_posterior_mean_without_a_generator_is_deterministic(tiny):
     assert (a - c).abs().max() > 1e-3
 
 
+def test_the_starting_video_is_encoded_in_the_engines_chunks(tiny, monkeypatch):
+    """The encode takes the decode's chunks (4 frames on CUDA), not every frame's full-size activations in one
+    pass; chunked, the latents are those of one pass to float32 rounding."""
+    whole = run(tiny, init_video=frames_of(4, f=6), num_frames=6, output_type='latents').latents
+    passes = []
+    hook = tiny.autoencoder.encoder.register_forward_pre_hook(lambda module, args: passes.append(args[0].shape[0]))
+    monkeypatch.setattr(type(tiny), 'decode_chunk_frames', lambda self, request: 4)
+    try:
+        chunked = run(tiny, init_video=frames_of(4, f=6), num_frames=6, output_type='latents').latents
+    finally:
+        hook.remove()
+    assert passes == [4, 2]
+    assert (chunked - whole).abs().max().item() < 1e-5
+
+
 @pytest.mark.parametrize('options, error, message', [
     ({'init_video': 'missing.mp4'}, ValueError, r"init_video='missing.mp4': no such file"),
     ({'init_video': np.zeros((0, 8, 8, 3), np.uint8)}, ValueError, r'init_video must have shape \(f, h, w, 3\)'),
