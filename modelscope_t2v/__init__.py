@@ -17,8 +17,11 @@ def _exit_if_command() -> None:
     argv = getattr(sys, 'orig_argv', [])   # Python 3.10+: the interpreter's own arguments
     module = next((b for a, b in zip(argv, argv[1:]) if a == '-m'), '')
     if os.path.basename(sys.argv[0]) == 'modelscope-t2v' or module.split('.')[0] == __name__:
-        print('modelscope-t2v: interrupted', file=sys.stderr)
-        raise SystemExit(130)
+        print('modelscope-t2v: interrupted', file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # not SystemExit: Python 3.11 remembers a KeyboardInterrupt that passed through exec'd code (dataclasses
+        # and namedtuples build theirs so, in many imports) and would end the process by SIGINT (status -2)
+        os._exit(130)
 
 
 try:
