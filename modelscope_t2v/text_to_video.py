@@ -346,7 +346,7 @@ class TextToVideo:
             sums = []   # (timestep, float32 sum of the latents) after each step
             from_video = request.init_video is not None
             latents = denoise(model_fn, noise, None, scheduler, request.num_inference_steps,
-                              eta=request.eta, generator=step_noise_generator(request),
+                              eta=request.eta, generator=step_noise_generator(request, self.device),
                               callback=_watched_steps(request.callback, sums), progress=_progress(request),
                               init=start if from_video else None, strength=request.strength,
                               held=None if from_video else start)
@@ -473,12 +473,14 @@ def rescheduled(noise: torch.Tensor, request: GenerationRequest, generator) -> t
     return reschedule_noise(noise, request.temporal_window, request.temporal_stride, generator)
 
 
-def step_noise_generator(request: GenerationRequest) -> Optional[torch.Generator]:
-    """Where stochastic samplers draw their step noise: the request's generator, a generator seeded with
-    its seed, or (None) the global generator of the latents' device, as the built-in's sampler does."""
+def step_noise_generator(request: GenerationRequest, device: torch.device) -> Optional[torch.Generator]:
+    """Where stochastic samplers draw their step noise: the request's generator; a generator on `device`
+    seeded with the request's seed (noise drawn where the latents are: a CPU generator's draws would be
+    copied to the GPU from pageable memory, which waits for the GPU at every step); or (None) the global
+    generator of the latents' device, as the built-in's sampler does."""
     if request.generator is not None:
         return request.generator
-    return None if request.seed is None else torch.Generator().manual_seed(request.seed)
+    return None if request.seed is None else torch.Generator(device).manual_seed(request.seed)
 
 
 def compile_mode(compile) -> Optional[str]:

@@ -88,6 +88,20 @@ def test_seed_fixes_the_noise_of_stochastic_samplers(generate, sampler, options)
     assert max_diff(a, c) > 0.1
 
 
+def test_seeded_step_noise_is_drawn_on_the_engines_device(generate, tiny_engine, monkeypatch):
+    made, real_generator = [], torch.Generator   # on a GPU a CPU generator's draws would wait for the GPU
+
+    def recorded(*args, **kwargs):   # the devices named by each generator made (none: the CPU by default)
+        made.append(args + tuple(kwargs.values()))
+        return real_generator(*args, **kwargs)
+
+    monkeypatch.setattr(torch, 'Generator', recorded)
+    drawn = generate(seed=8, sampler='euler-a', output_type='latents').latents
+    assert (tiny_engine.device,) in made
+    monkeypatch.setattr(torch, 'Generator', real_generator)
+    assert torch.equal(drawn, generate(seed=8, sampler='euler-a', output_type='latents').latents)
+
+
 def test_batch_seeds_are_seed_plus_video_index(generate, unet_inputs):
     result = generate(text=['a cat', 'a dog'], num_videos_per_prompt=2, seed=100, guidance_scale=1.0,
                       output_type='latents')
