@@ -250,7 +250,7 @@ def main(argv=None):
                                       + results['flops']['decode'] + results['flops'].get('encode', 0))
     results['floor_s'] = results['flops']['generation'] / results['ceiling_tflops']
     rows.append(bench_ours(engine, args, f'modelscope-t2v eager ({str(engine.dtype)[6:]})'))
-    print(rows[-1]['label'], rows[-1]['end_to_end_s'], flush=True)
+    print(rows[-1]['label'], rows[-1]['end_to_end_s'], 'peak', rows[-1]['peak_gib'], flush=True)
     if args.workload == 'long':   # the same path at the trained frame count: time and memory grow how?
         short = argparse.Namespace(**{**vars(args), 'frames': engine.config.max_frames})
         rows.append(bench_ours(engine, short, f'modelscope-t2v eager, {short.frames} frames'))
@@ -265,7 +265,7 @@ def main(argv=None):
         for mode in filter(None, args.compile_modes.split(',')):
             row, results['compile_warm_up_s'][mode] = bench_compiled(args, device, mode)
             rows.append(row)
-            print(row['label'], row['end_to_end_s'], flush=True)
+            print(row['label'], row['end_to_end_s'], 'peak', row['peak_gib'], flush=True)
     if not {'builtin', 'diffusers'} <= skip:
         engine = load(args, device)  # the peers take their text embedding from our encoder
         if 'builtin' not in skip:

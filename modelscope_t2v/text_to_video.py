@@ -350,14 +350,16 @@ class TextToVideo:
                               callback=_watched_steps(request.callback, sums), progress=_progress(request),
                               init=start if from_video else None, strength=request.strength,
                               held=None if from_video else start)
-            check_finite_steps(sums, request)
             parameters = [self.parameters(request, seeds[i], prompts[i], negatives[i])
                           for i in range(request.num_videos)]
             if request.output_type == 'latents':
+                check_finite_steps(sums, request)
                 return GenerationResult(parameters=parameters, latents=latents.float().cpu())
 
-            # 5. decode to uint8 frames (n, f, h, w, 3)
+            # 5. decode to uint8 frames (n, f, h, w, 3); the steps are checked once the decode is queued, so the
+            #    device goes on from the last step to the decode without waiting for the host
             video = self.decode(latents, request.decode_chunk_frames)
+            check_finite_steps(sums, request)
             if not torch.isfinite(video).all():
                 raise NonFiniteError(f'the autoencoder decoded NaN or inf from finite latents ({self.dtype} '
                                      'overflow?); no file was written')

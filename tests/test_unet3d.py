@@ -127,3 +127,19 @@ def test_remembered_text_equals_the_text_passed_at_each_call():
         assert keys.data_ptr() == storage and model.remembered_texts == 2
         assert torch.equal(model(x, t), model(x, t, second))
     assert set(model.state_dict()) == set(UNet3D(TINY.unet).state_dict())   # not saved with the weights
+
+
+def test_temporal_window_set_again_keeps_the_attention_functions():
+    """Setting the window a generation already has changes nothing, so a compiled UNet keeps its graph; each
+    temporal attention gets the new function when the window changes, and the trained one back with None."""
+    model = UNet3D(TINY.unet)
+    blocks = [m.transformer_blocks[0] for m in model.modules() if type(m).__name__ == 'TemporalTransformer']
+    trained = blocks[0].attn1.attend
+    model.set_temporal_window(8, 2)
+    windowed = blocks[0].attn1.attend
+    assert windowed is not trained
+    model.set_temporal_window(8, 2)
+    assert all(b.attn1.attend is windowed and b.attn2.attend is windowed for b in blocks)
+    model.set_temporal_window(None)
+    assert all(b.attn1.attend is trained and b.attn2.attend is trained for b in blocks)
+    assert len(blocks) == len(model.temporal_blocks) > 0
