@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import os
 import secrets
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import gradio as gr
 
@@ -35,6 +39,33 @@ def new_seed() -> int:
     return secrets.randbelow(2 ** 31)
 
 
+class GenerationThread:
+    """Runs every generation on one thread, whichever of Gradio's worker threads asks. torch keeps the compiled
+    path's CUDA graphs per thread: generations from a pool of threads would record them again in each, each
+    with its own graph memory. The caller's context goes along (Gradio's progress bar reads it)."""
+
+    def __init__(self):
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix='generation')
+
+    def run(self, fn, *args, **kwargs):
+        return self.executor.submit(contextvars.copy_context().run, fn, *args, **kwargs).result()
+
+
+def warm_up(pipe, thread: GenerationThread) -> None:
+    """Compile before serving: one default video on the generation thread, so no visitor waits minutes for
+    it. Then a request of another shape (frames, guidance off) runs eager rather than compiling again
+    (torch's 'eager_on_recompile' stance): each new shape would cost a visitor minutes."""
+    import torch
+    print('demo: compiling the networks on a default video before serving: about 3 minutes, under a minute '
+          'when an earlier run left the compiler caches (without --compile it serves at once)', file=sys.stderr,
+          flush=True)
+    start = time.perf_counter()
+    thread.run(pipe, {'text': EXAMPLES[0]}, output_type='frames')
+    torch.compiler.set_stance('eager_on_recompile')
+    print(f'demo: compiled in {time.perf_counter() - start:.0f} s; requests of other shapes run eager',
+          file=sys.stderr, flush=True)
+
+
 def load_pipeline(model: str, hub: str = 'huggingface', device: str = 'gpu', base_model: str | None = None,
                   compile: str | bool = False):
     """The ModelScope text-to-video pipeline over a local model dir or a hub id (downloaded once), in either
@@ -45,8 +76,10 @@ def load_pipeline(model: str, hub: str = 'huggingface', device: str = 'gpu', bas
                     compile_unet=compile)
 
 
-def build_demo(pipe, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
-    """The page: controls on the left, the video and its parameters on the right."""
+def build_demo(pipe, queue_size: int = QUEUE_SIZE, thread: GenerationThread | None = None) -> gr.Blocks:
+    """The page: controls on the left, the video and its parameters on the right; generations run on
+    `thread` (a new GenerationThread by default)."""
+    thread = thread or GenerationThread()
 
     def generate(prompt, negative_prompt, seed, steps, guidance_scale, frames, sampler, init_video, strength,
                  init_image, progress=gr.Progress()):  # noqa: B008  (Gradio's way of asking for a progress bar)
@@ -58,9 +91,9 @@ def build_demo(pipe, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
 
         start = {'init_video': init_video, 'strength': strength} if init_video else {'init_image': init_image}
         try:
-            out = pipe({'text': prompt}, negative_prompt=negative_prompt, seed=seed,
-                       num_inference_steps=steps, guidance_scale=guidance_scale, num_frames=frames,
-                       sampler=sampler, callback=report, **start)
+            out = thread.run(pipe, {'text': prompt}, negative_prompt=negative_prompt, seed=seed,
+                             num_inference_steps=steps, guidance_scale=guidance_scale, num_frames=frames,
+                             sampler=sampler, callback=report, **start)
         except (ValueError, TypeError, NonFiniteError) as error:  # checks name the option and its range
             raise gr.Error(str(error)) from None
         parameters = {k: v for k, v in out['parameters'].items() if k != 'output_video'}
@@ -122,7 +155,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--port', type=int, default=None, help='(default: $GRADIO_SERVER_PORT or 7860)')
     parser.add_argument('--queue-size', type=int, default=QUEUE_SIZE, help='waiting requests (default: %(default)s)')
     parser.add_argument('--compile', action='store_true',
-                        help=COMPILE_HELP + '; a server pays it once, on its first request')
+                        help=COMPILE_HELP + '; the demo compiles on a default video before serving, and '
+                        'serves requests of other shapes eager')
     parser.add_argument('--compile-mode', choices=COMPILE_MODES, default=FAST_COMPILE_MODE,
                         help="--compile's torch.compile mode (default: %(default)s)")
     return parser.parse_args(argv)
@@ -131,7 +165,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     pipe = load_pipeline(args.model, args.hub, args.device, args.base_model, compile_mode(args))
-    build_demo(pipe, args.queue_size).launch(server_name=args.host, server_port=args.port)
+    thread = GenerationThread()
+    if args.compile and pipe.model.engine.device.type == 'cuda':   # on the CPU nothing compiles
+        warm_up(pipe, thread)
+    build_demo(pipe, args.queue_size, thread).launch(server_name=args.host, server_port=args.port)
 
 
 if __name__ == '__main__':

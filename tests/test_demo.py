@@ -211,3 +211,47 @@ def test_a_starting_video_is_re_rendered(page, tmp_path):
     page.get_by_text('"strength"').wait_for(timeout=GENERATE_TIMEOUT_S * 1000)
     shown = ''.join(page.locator('#parameters').inner_text().split())
     assert '"start":"video"' in shown and '"strength":0.5' in shown and '"num_frames":4' in shown, shown
+
+
+def _load_app():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('demo_app', APP)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    return app
+
+
+def test_generations_run_on_one_thread_with_the_callers_context():
+    """Gradio calls handlers from a pool of threads; torch keeps compiled CUDA graphs per thread."""
+    import contextvars
+    import threading
+    app = _load_app()
+    thread, event = app.GenerationThread(), contextvars.ContextVar('event')
+    seen = []
+
+    def handler(name):   # as Gradio calls a handler: its own thread, its event in the context
+        event.set(name)
+        thread.run(lambda: seen.append((threading.get_ident(), event.get(None))))
+
+    callers = [threading.Thread(target=handler, args=(f'event {i}',)) for i in range(3)]
+    for caller in callers:
+        caller.start()
+        caller.join()
+    assert len({ident for ident, _ in seen}) == 1 and seen[0][0] not in {c.ident for c in callers}
+    assert [name for _, name in seen] == ['event 0', 'event 1', 'event 2']
+
+
+def test_warm_up_makes_a_default_video_on_the_generation_thread(capsys):
+    import threading
+
+    import torch
+    app = _load_app()
+    thread, calls = app.GenerationThread(), []
+    generation_thread = thread.run(threading.get_ident)
+    pipe = lambda inputs, **options: calls.append((threading.get_ident(), inputs, options))  # noqa: E731
+    try:
+        app.warm_up(pipe, thread)
+    finally:
+        torch.compiler.set_stance('default')
+    assert calls == [(generation_thread, {'text': app.EXAMPLES[0]}, {'output_type': 'frames'})]
+    assert 'compiling the networks' in capsys.readouterr().err
