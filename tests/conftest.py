@@ -1,10 +1,27 @@
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests import their helper `reference`
+
+
+@pytest.fixture(scope='session', autouse=True)
+def system_temp_folder(tmp_path_factory):
+    """The system temp folder of this run (and of its subprocesses, through TMPDIR), inside pytest's own: the mp4s
+    the pipeline writes there without output_video are the caller's to delete, as the built-in's are; here they
+    go with pytest's old runs instead of piling up in /tmp."""
+    folder = str(tmp_path_factory.mktemp('system-temp'))
+    before = tempfile.tempdir, os.environ.get('TMPDIR')
+    tempfile.tempdir = os.environ['TMPDIR'] = folder
+    yield folder
+    tempfile.tempdir = before[0]
+    if before[1] is None:
+        del os.environ['TMPDIR']
+    else:
+        os.environ['TMPDIR'] = before[1]
 
 
 @pytest.fixture(scope='session')
