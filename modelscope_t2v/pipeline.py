@@ -230,3 +230,6 @@ def is_configurationless_folder(path: str) -> bool:
     """A folder this package loads that has no configuration.json for ModelScope to read."""
     return (os.path.isdir(path) and not os.path.exists(os.path.join(path, config_lib.CONFIG_FILE))
             and model_folder.is_model_folder(path))
+
+
+register()   # on import: the package imports this module once ModelScope is imported

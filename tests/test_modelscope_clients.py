@@ -194,6 +194,18 @@ def test_both_import_orders_build_our_pipeline(workdir, imports):
     assert out.split()[-3:] == ['TextToVideoPipeline', 'TextToVideoModel', '1']
 
 
+def test_importing_the_package_leaves_modelscope_to_the_program():
+    """ModelScope's import (seconds) happens when the program asks for it, and registers our classes then."""
+    out = run_script('''
+        import sys
+        import modelscope_t2v
+        print('modelscope' in sys.modules)
+        from modelscope.pipelines.builder import PIPELINES
+        print(PIPELINES.modules['text-to-video-synthesis']['latent-text-to-video-synthesis'].__module__)
+    ''')
+    assert out.split() == ['False', 'modelscope_t2v.pipeline']
+
+
 def test_model_from_builtin_from_pretrained_is_ours(workdir, pipe):
     from modelscope.models.multi_modal import TextToVideoSynthesis
     model = TextToVideoSynthesis.from_pretrained(str(workdir / HUB_ID), device='cpu')
