@@ -40,7 +40,6 @@ __all__ = ['GenerationCancelled', 'GenerationRequest', 'GenerationResult', 'NonF
            'parse_request', '__version__']
 
 
-
 def _register_in_modelscope() -> None:
     """Import .pipeline, which registers the classes in ModelScope's registries as it is imported."""
     try:
