@@ -8,6 +8,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))  # tests import their helper `reference`
 
 
+MACHINE_TEMP_FOLDER = tempfile.gettempdir()   # before system_temp_folder: outside pytest's 0700 folders
+
+
 @pytest.fixture(scope='session', autouse=True)
 def system_temp_folder(tmp_path_factory):
     """The system temp folder of this run (and of its subprocesses, through TMPDIR), inside pytest's own: the mp4s

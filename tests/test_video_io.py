@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import MACHINE_TEMP_FOLDER
 from modelscope_t2v import video_io
 
 # Generation parameters as the pipeline stores them: JSON text with quotes, spaces and ffmetadata's escapes = ; # \
@@ -238,7 +239,7 @@ def in_unprivileged_child(check) -> str:
 
 
 def test_read_only_folder_is_refused_before_encoding():
-    folder = pathlib.Path(tempfile.mkdtemp())   # not under pytest's 0700 folder: nobody must reach it
+    folder = pathlib.Path(tempfile.mkdtemp(dir=MACHINE_TEMP_FOLDER))   # user nobody must reach it
     try:
         folder.chmod(0o555)
         if os.geteuid() == 0:
