@@ -12,7 +12,8 @@ arithmetic), then times on the same GPU, with medians over --runs:
   fp32      a float32 run of the same seed: PSNR of every fast path's frames against it;
   builtin, diffusers   the peers of bench/peers.py.
 Also the FLOP count of the default generation and the measured fp16 matmul ceiling.
---skip takes any of: startup, memory, compile, fp32, builtin, diffusers.
+--skip takes any of: startup, eager, memory, compile, fp32, builtin, diffusers (the FLOP count and the
+ceiling always run: each row's floor).
 """
 
 from __future__ import annotations
@@ -218,7 +219,8 @@ def parse_args(argv):
     parser.add_argument('--runs', type=int, default=3)
     parser.add_argument('--workload', choices=sorted(WORKLOADS), default='default',
                         help='frames, size, sampler and steps: ' + '; '.join(f'{k} {v}' for k, v in WORKLOADS.items()))
-    parser.add_argument('--skip', default='', help='comma list of: startup, memory, compile, fp32, builtin, diffusers')
+    parser.add_argument('--skip', default='',
+                        help='comma list of: startup, eager, memory, compile, fp32, builtin, diffusers')
     parser.add_argument('--compile-modes', default='reduce-overhead', help='torch.compile modes, comma separated')
     args = parser.parse_args(argv)
     args.frames, args.height, args.width, args.sampler, args.steps, args.strength = WORKLOADS[args.workload]
@@ -249,9 +251,11 @@ def main(argv=None):
     results['flops']['generation'] = (kept_steps(args) * texts * results['flops']['unet_forward']
                                       + results['flops']['decode'] + results['flops'].get('encode', 0))
     results['floor_s'] = results['flops']['generation'] / results['ceiling_tflops']
-    rows.append(bench_ours(engine, args, f'modelscope-t2v eager ({str(engine.dtype)[6:]})'))
-    print(rows[-1]['label'], rows[-1]['end_to_end_s'], 'peak', rows[-1]['peak_gib'], flush=True)
-    if args.workload == 'long':   # the same path at the trained frame count: time and memory grow how?
+    if 'eager' not in skip:
+        rows.append(bench_ours(engine, args, f'modelscope-t2v eager ({str(engine.dtype)[6:]})'))
+        print(rows[-1]['label'], rows[-1]['end_to_end_s'], 'peak', rows[-1]['peak_gib'], flush=True)
+    # the same path at the trained frame count: how do time and memory grow?
+    if args.workload == 'long' and 'eager' not in skip:
         short = argparse.Namespace(**{**vars(args), 'frames': engine.config.max_frames})
         rows.append(bench_ours(engine, short, f'modelscope-t2v eager, {short.frames} frames'))
         results['long_over_short'] = rows[0]['end_to_end_s'] / rows[-1]['end_to_end_s']

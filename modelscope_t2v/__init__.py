@@ -11,29 +11,36 @@ import importlib.abc
 import importlib.util
 import logging
 import os
+import signal
 import sys
+import threading
 
 
-def _exit_if_command() -> None:
-    """On Ctrl-C during these imports (seconds: torch, then ModelScope), exit 130 with one line, as cli.guarded
-    does later, where this process is the command line: the modelscope-t2v script or python -m
-    modelscope_t2v[.batch] (torchrun's ranks). Imported by any other program, the KeyboardInterrupt is its."""
+def _is_command() -> bool:
+    """Whether this process is the command line: the modelscope-t2v script or python -m modelscope_t2v[.batch]
+    (torchrun's ranks), importing the package in its main thread."""
     argv = getattr(sys, 'orig_argv', [])   # Python 3.10+: the interpreter's own arguments
     module = next((b for a, b in zip(argv, argv[1:]) if a == '-m'), '')
-    if os.path.basename(sys.argv[0]) == 'modelscope-t2v' or module.split('.')[0] == __name__:
-        print('modelscope-t2v: interrupted', file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        # not SystemExit: Python 3.11 remembers a KeyboardInterrupt that passed through exec'd code (dataclasses
-        # and namedtuples build theirs so, in many imports) and would end the process by SIGINT (status -2)
-        os._exit(130)
+    return ((os.path.basename(sys.argv[0]) == 'modelscope-t2v' or module.split('.')[0] == __name__)
+            and threading.current_thread() is threading.main_thread())
 
 
+def _exit_interrupted(signum=None, frame=None) -> None:
+    """Ctrl-C during the command's imports (seconds: torch, then ModelScope): exit 130 with one line at once, as
+    cli.guarded does later. At once, from the signal handler: a KeyboardInterrupt raised inside an import can
+    be caught there or leave a half-imported module behind (numpy then recurses in its __getattr__)."""
+    print('modelscope-t2v: interrupted', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130)
+
+
+_previous_handler = signal.signal(signal.SIGINT, _exit_interrupted) if _is_command() else None
 try:
     from .request import GenerationCancelled, GenerationRequest, NonFiniteError, parse_request
     from .text_to_video import GenerationResult, TextToVideo
-except KeyboardInterrupt:
-    _exit_if_command()
-    raise
+finally:
+    if _previous_handler is not None:
+        signal.signal(signal.SIGINT, _previous_handler)
 
 __version__ = '0.1.0'
 __all__ = ['GenerationCancelled', 'GenerationRequest', 'GenerationResult', 'NonFiniteError', 'TextToVideo',
@@ -45,7 +52,8 @@ def _register_in_modelscope() -> None:
     try:
         importlib.import_module(__name__ + '.pipeline')
     except KeyboardInterrupt:
-        _exit_if_command()
+        if _is_command():
+            _exit_interrupted()
         raise
     except Exception as error:  # the networks and TextToVideo work without a usable ModelScope
         logging.getLogger(__name__).warning('not registered in ModelScope (%s: %s)', type(error).__name__, error)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 
 from .hub import DEFAULT_MODEL, HUBS
 from .request import MAX_FRAMES, MAX_SIDE
@@ -20,6 +22,14 @@ from .text_to_video import COMPILE_MODES, FAST_COMPILE_MODE
 COMPILE_HELP = ('torch.compile the networks on CUDA: about 3 min on the first video of a process, 46 s when an '
                 'earlier process left its compiler caches; then a default video takes 1.3 s on an H200 against '
                 '3.7 s (docs/benchmarks.md). Ignored on the CPU')
+
+
+def apply_compile_cache_flag(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--compile-cache compiles (it keeps what compiling makes); with --no-compile it has nothing to keep."""
+    if args.compile_cache:
+        if args.compile is False:
+            parser.error('--compile-cache keeps compiled networks: it cannot go with --no-compile')
+        args.compile = True
 
 
 def compile_mode(args: argparse.Namespace):
@@ -45,6 +55,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                        'would not pay back) and a batch job compiles when it has about 80 videos of one shape to make')
     group.add_argument('--compile-mode', choices=COMPILE_MODES, default=FAST_COMPILE_MODE,
                        help="--compile's torch.compile mode (default: %(default)s)")
+    group.add_argument('--compile-cache', action='store_true',
+                       help='with --compile: keep the compiled networks on disk, in the compiler cache folder '
+                            '($TORCHINDUCTOR_CACHE_DIR), so that later runs on this machine load them instead of '
+                            'compiling again (torch.compiler.precompile; a new video size compiles once more)')
     group.add_argument('--low-memory', action='store_true',
                        help='keep the text encoder and autoencoder on the CPU between uses; decode frame by frame')
     group.add_argument('--half-cache', action='store_true',
@@ -144,17 +158,24 @@ def load_pipeline(args: argparse.Namespace):
     from modelscope.pipelines import pipeline
 
     from .pipeline import torch_device
+    stop_if_interrupted()
     model_dir, base_model = resolve_models(args)
     if args.compile and torch_device(args.device).type == 'cuda':
-        print(f'modelscope-t2v: compiling the networks ({args.compile_mode}): the first video takes minutes, once per '
-              'process', file=sys.stderr)
-    options = {'compile_unet': compile_mode(args), 'low_memory': args.low_memory, 'half_cache': args.half_cache,
-               'base_model': base_model}
-    return pipeline('text-to-video-synthesis', model_dir, device=args.device, **options)
+        once = ('once on this machine for each video size (--compile-cache)' if args.compile_cache
+                else 'once per process')
+        print(f'modelscope-t2v: compiling the networks ({args.compile_mode}): the first video takes minutes, {once}',
+              file=sys.stderr)
+    options = {'compile_unet': compile_mode(args), 'compile_cache': args.compile_cache,
+               'low_memory': args.low_memory, 'half_cache': args.half_cache, 'base_model': base_model}
+    pipe = pipeline('text-to-video-synthesis', model_dir, device=args.device, **options)
+    stop_if_interrupted()   # ModelScope's building imports modules too
+    return pipe
 
 
 def run_generate(argv) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    apply_compile_cache_flag(parser, args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format='%(message)s')
     if not args.verbose:
         logging.getLogger('modelscope').setLevel(logging.ERROR)  # its start-up chatter
@@ -187,8 +208,8 @@ def run_upscale(args: argparse.Namespace, options: dict, strength) -> tuple:
     model_dir, base_model = resolve_models(args)
     device = torch_device(args.device)
     upscale_dir = resolve_model_dir(args.upscale_with, args.hub, device.type == 'cuda')
-    load = {'device': device, 'compile': compile_mode(args), 'low_memory': args.low_memory,
-            'half_cache': args.half_cache, 'base_model': base_model}
+    load = {'device': device, 'compile': compile_mode(args), 'compile_cache': args.compile_cache,
+            'low_memory': args.low_memory, 'half_cache': args.half_cache, 'base_model': base_model}
     result = generate_and_upscale(args.prompt, model_dir, upscale_dir, strength or DEFAULT_STRENGTH, load, **options)
     return result.paths, result.parameters
 
@@ -243,18 +264,48 @@ def guarded(command, argv) -> int:
     """Run a command, turning errors into one line on stderr and an exit status."""
     from .hub import ModelNotFound
     from .weights import CheckpointError
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, remember_interrupt) if main_thread else None
     try:
         return command(argv)
+    except KeyboardInterrupt:
+        return report_interrupt()
     except (ValueError, TypeError, ModelNotFound, CheckpointError) as error:
+        if _interrupts:
+            return report_interrupt()
         print(f'modelscope-t2v: error: {error}', file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print('modelscope-t2v: interrupted', file=sys.stderr)
-        return 130
     except Exception as error:  # anything else: still one line, the details in --verbose logs
+        if _interrupts:
+            return report_interrupt()
         logging.getLogger(__name__).debug('failure', exc_info=True)
         print(f'modelscope-t2v: failed: {type(error).__name__}: {error}', file=sys.stderr)
         return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+
+
+_interrupts = []   # SIGINTs received under guarded
+
+
+def remember_interrupt(signum, frame) -> None:
+    """Ctrl-C as Python's own handler takes it (KeyboardInterrupt), remembered: an import can turn it into
+    another error (transformers' lazy modules: ModuleNotFoundError) or catch it, and the command still ends as
+    interrupted (stop_if_interrupted)."""
+    _interrupts.append(signum)
+    raise KeyboardInterrupt
+
+
+def stop_if_interrupted() -> None:
+    """After imports that may have caught a Ctrl-C: stop as it asked."""
+    if _interrupts:
+        raise KeyboardInterrupt
+
+
+def report_interrupt() -> int:
+    print('modelscope-t2v: interrupted', file=sys.stderr)
+    return 130
 
 
 if __name__ == '__main__':

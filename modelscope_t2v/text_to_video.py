@@ -22,6 +22,7 @@ from einops import rearrange
 
 from . import config as config_lib
 from . import model_folder, tokenizer, video_io
+from .compile_cache import CompileCache
 from .half_cache import HALF_DTYPES, load_networks_cached
 from .lora.apply import LoraStack
 from .lora.formats import LoraWeights, read_lora
@@ -81,7 +82,7 @@ class TextToVideo:
     @classmethod
     def from_pretrained(cls, model_dir: str, device=None, dtype=None, compile: bool | str = False,
                         low_memory: bool = False, half_cache: bool | str = False,
-                        base_model: str | None = None) -> 'TextToVideo':
+                        base_model: str | None = None, compile_cache: bool | str = False) -> 'TextToVideo':
         """Build the networks of `model_dir` from its files (strictly) onto the device.
 
         model_dir: a folder in the original layout or diffusers' (model_folder.py).
@@ -89,6 +90,9 @@ class TextToVideo:
             'default'). On CUDA, compile_networks(mode): minutes once per process
             (less with inductor's on-disk cache warm), then about 3x faster per
             generation.
+        compile_cache: True or a folder: keep what compiling makes on disk, so that a
+            later process on this machine loads it instead of tracing the networks
+            again (compile_cache.py; True: in inductor's cache folder).
         low_memory: keep the text encoder and autoencoder on the CPU between their
             uses and decode one frame at a time (docs/benchmarks.md: peak memory).
         half_cache: True or a folder: read the weights from a float16/bfloat16
@@ -96,7 +100,8 @@ class TextToVideo:
         base_model: a folder with the original files that a partial original-format
             model_dir lacks (zeroscope's zs2_576w/ has no autoencoder).
         """
-        compile_mode(compile)   # a bad value is refused before loading
+        compile_mode(compile)   # bad values are refused before loading
+        check_compile_cache(compile_cache)
         device, dtype = default_device_and_dtype(device, dtype)
         folder = model_folder.open_folder(model_dir, base_model, half=dtype in HALF_DTYPES)
         if half_cache and dtype in HALF_DTYPES:
@@ -106,27 +111,39 @@ class TextToVideo:
             if half_cache:
                 logger.warning('half_cache ignored: it holds float16/bfloat16 weights, and this run is %s', dtype)
             networks = model_folder.load_networks(folder)
-        return cls.from_networks(folder.config, networks, model_dir, device, dtype, compile, low_memory)
+        return cls.from_networks(folder.config, networks, model_dir, device, dtype, compile, low_memory,
+                                 compile_cache)
 
     @classmethod
     def from_networks(cls, config: config_lib.ModelConfig, networks, model_dir: str = '', device=None,
-                      dtype=None, compile: bool | str = False, low_memory: bool = False) -> 'TextToVideo':
+                      dtype=None, compile: bool | str = False, low_memory: bool = False,
+                      compile_cache: bool | str = False) -> 'TextToVideo':
         """An engine over (text encoder, UNet, autoencoder) already built; options as from_pretrained's."""
         mode = compile_mode(compile)
+        check_compile_cache(compile_cache)
         engine = cls(config, *networks, model_dir=model_dir, device=device, dtype=dtype, low_memory=low_memory)
         if mode and engine.device.type == 'cuda':
-            engine.compile_networks(mode)
+            engine.compile_networks(mode, compile_cache)
         return engine
 
-    def compile_networks(self, mode: str) -> None:
+    def compile_networks(self, mode: str, compile_cache: bool | str = False) -> None:
         """torch.compile the networks in place (from_pretrained's compile=), with programmatic dependent launch
         (compile_options): the UNet channels-last, its temporal convs as GEMMs, in `mode`; the text encoder in
         `mode` too, unless low_memory (a CUDA graph would record again each time its weights come back from
         the CPU); the autoencoder's decoder in mode 'reduce-overhead' where `mode` has CUDA graphs and not
-        low_memory, else in mode 'default'. Checkpoint keys are unchanged."""
-        self.unet = torch.compile(self.unet.to_channels_last(), options=compile_options(mode), dynamic=False)
+        low_memory, else in mode 'default'. Checkpoint keys are unchanged. With compile_cache, each network's
+        calls run through precompiled artefacts kept on disk instead (compile_cache.py)."""
         graphs = compile_options(mode).get('triton.cudagraphs') and not self.low_memory
-        self.autoencoder.compile_decoder(compile_options('reduce-overhead' if graphs else 'default'))
+        decoder_options = compile_options('reduce-overhead' if graphs else 'default')
+        if compile_cache:
+            cache = CompileCache(None if compile_cache is True else os.fspath(compile_cache))
+            cache.compile(self.unet.to_channels_last(), compile_options(mode))
+            self.autoencoder.compile_decoder(decoder_options, compile=cache.compile)
+            if not self.low_memory:
+                cache.compile(self.text_encoder, compile_options(mode))
+            return
+        self.unet = torch.compile(self.unet.to_channels_last(), options=compile_options(mode), dynamic=False)
+        self.autoencoder.compile_decoder(decoder_options)
         if not self.low_memory:
             self.text_encoder.compile(dynamic=False, options=compile_options(mode))
 
@@ -495,6 +512,15 @@ def compile_mode(compile) -> Optional[str]:
         raise ValueError(f'compile={compile!r} is not a torch.compile mode: '
                          f'choose False, True or one of {COMPILE_MODES}')
     return compile
+
+
+def check_compile_cache(compile_cache) -> None:
+    """from_pretrained's compile_cache: False, True or a folder's path."""
+    if not isinstance(compile_cache, (bool, str, os.PathLike)):
+        raise TypeError(f'compile_cache={compile_cache!r} is not True, False or a folder\'s path')
+    if isinstance(compile_cache, (str, os.PathLike)) and os.path.exists(compile_cache) \
+            and not os.path.isdir(compile_cache):
+        raise ValueError(f'compile_cache={os.fspath(compile_cache)!r} is a file, not a folder')
 
 
 def compile_options(mode: str) -> dict:

@@ -102,7 +102,46 @@ def test_compile_flag_defaults_to_cuda_graphs(flags, mode):
     assert compile_mode(build_parser().parse_args([*flags, 'a kite'])) == mode
 
 
+@pytest.mark.parametrize('flags', [['--compile-cache'], ['--compile', '--compile-cache']])
+def test_compile_cache_flag_compiles(flags):
+    from modelscope_t2v.cli import apply_compile_cache_flag, build_parser, compile_mode
+    parser = build_parser()
+    args = parser.parse_args([*flags, 'a kite'])
+    apply_compile_cache_flag(parser, args)
+    assert (args.compile, args.compile_cache, compile_mode(args)) == (True, True, 'reduce-overhead')
+
+
+def test_compile_cache_without_compiling_is_a_user_error():
+    result = run_cli('a kite', '--no-compile', '--compile-cache', '--device', 'cpu')
+    assert result.returncode == 2
+    assert result.stderr.endswith('error: --compile-cache keeps compiled networks: it cannot go with --no-compile\n')
+
+
 def test_compile_mode_refuses_a_mode_torch_compile_lacks():
     result = run_cli('a kite', '--compile', '--compile-mode', 'fastest', '--device', 'cpu')
     assert result.returncode == 2
     assert "invalid choice: 'fastest'" in result.stderr and 'reduce-overhead' in result.stderr
+
+
+@pytest.mark.parametrize('caught_as', ['ModuleNotFoundError', 'nothing'])
+def test_a_ctrl_c_that_an_import_catches_still_ends_the_command_with_130(monkeypatch, capsys, caught_as):
+    """transformers' lazy modules turn a Ctrl-C during their imports into ModuleNotFoundError; other imports
+    swallow it. Either way the command stops as interrupted (after the imports: stop_if_interrupted)."""
+    from modelscope_t2v import cli
+    monkeypatch.setattr(cli, '_interrupts', [])
+    steps = []
+
+    def command(argv):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            if caught_as == 'ModuleNotFoundError':
+                raise ModuleNotFoundError("Could not import module 'PreTrainedModel'")
+        cli.stop_if_interrupted()
+        steps.append('generated')   # never reached
+        return 0
+
+    assert cli.guarded(command, []) == 130
+    assert capsys.readouterr().err == 'modelscope-t2v: interrupted\n' and steps == []
+    assert signal.getsignal(signal.SIGINT) is not cli.remember_interrupt   # the caller's handler is back

@@ -100,3 +100,14 @@ def test_a_call_with_a_lora_changes_only_that_call(original_pipe, tmp_path):
     assert torch.equal(original_pipe({'text': PROMPT}, **call)['latents'], base)
     with pytest.raises(ValueError, match='lora_scale=20.0 is outside the valid range'):
         original_pipe({'text': PROMPT, 'lora': lora}, lora_scale=20, **call)
+
+
+def test_compile_options_reach_the_engine(tiny_model_dir, monkeypatch, tmp_path):
+    """pipeline()'s compile_unet and compile_cache reach TextToVideo.from_pretrained."""
+    from modelscope_t2v import text_to_video
+    seen = []
+    monkeypatch.setattr(text_to_video, 'check_compile_cache', seen.append)
+    monkeypatch.setattr(text_to_video, 'compile_mode', lambda compile: seen.append(compile))
+    pipeline('text-to-video-synthesis', tiny_model_dir, device='cpu', compile_unet='default',
+             compile_cache=str(tmp_path))
+    assert set(seen) == {'default', str(tmp_path)}

@@ -349,6 +349,11 @@ class UNet3D(nn.Module):
             attention.remember_text(context)
         self.remembered_texts = context.shape[0]
 
+    def trace_state(self) -> tuple:
+        """What forward reads besides its arguments and weights, which a trace freezes (compile_cache.py): the
+        temporal window, the count of remembered texts, whether there is a guidance embedding."""
+        return self.temporal_window, self.remembered_texts, self.time_cond_proj is not None
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
                 guidance: torch.Tensor | None = None) -> torch.Tensor:
         """x: (b, c, f, h, w) noisy latents; t: (b,) diffusion times; context: (k b, 77, context_dim), or

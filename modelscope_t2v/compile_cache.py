@@ -1,0 +1,250 @@
+"""Compiled networks kept on disk: a second process on the same machine skips torch.compile's tracing.
+
+from_pretrained(compile=MODE, compile_cache=True) compiles each network with torch.compiler.precompile instead of
+torch.compile. The first call of each kind (CallKind: the arguments' shapes, dtypes and strides, which are None,
+the network's trace_state()) traces the network once, non-strictly, and lowers it through inductor with MODE's
+options. The artefact (Python source and an integrity-tagged cache) goes to one file in the folder, the kernels to
+inductor's own cache. A later call of that kind, in this process or another on this machine, loads the file: no
+dynamo tracing, no guards, no lowering. Where MODE has CUDA graphs, each kind is captured once and replayed.
+
+A trace freezes every Python-side choice of forward. The file's name is a hash of all that can change one: the
+call's kind, the structure of the network's parameters and buffers (names, shapes, dtypes, strides), the source
+of the package's networks, the inductor options, torch's version and the device. Weights are inputs, not
+constants: a LoRA written into them in place (lora/apply.py) is seen by a loaded artefact and a captured graph.
+Parameters must stay where they are after compiling (as with torch.compile's CUDA graphs); a buffer that is
+replaced (UNet3D.remember_text for another count of texts) makes the graphs that read it capture again.
+
+The folder holds code that is executed: it is inductor's cache folder (TORCHINDUCTOR_CACHE_DIR, whose kernels
+inductor executes the same way) unless another is given; give only a folder that only you can write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import logging
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import scratch
+
+logger = logging.getLogger(__name__)
+
+NETWORK_SOURCES = Path(__file__).parent / 'models'   # what a trace of the networks reads of this package
+FORMAT = 1   # of the artefact files; part of their names
+
+
+def default_folder() -> str:
+    """modelscope_t2v/ in inductor's cache folder (TORCHINDUCTOR_CACHE_DIR), where its kernels are."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    return os.path.join(cache_dir(), 'modelscope_t2v')
+
+
+class CompileCache:
+    """A folder of precompiled network calls; compile() is the in-place counterpart of nn.Module.compile."""
+
+    def __init__(self, folder: Optional[str] = None):
+        self.folder = folder or default_folder()
+
+    def compile(self, network: nn.Module, options: dict) -> None:
+        """Make `network`'s calls run through precompiled artefacts (inductor `options`; CUDA graphs where
+        options['triton.cudagraphs'] and the network is on a GPU). Its type, attributes and keys stay its own:
+        the calls go through the attribute nn.Module.compile sets."""
+        network._compiled_call_impl = PrecompiledCalls(network, self.folder, options)
+
+
+class CallKind:
+    """What a trace of one network call depends on besides its tensors' values: hashable, comparable."""
+
+    def __init__(self, arguments: list, state: tuple):
+        # arguments: forward's, positional; a tensor stands for its (shape, dtype, stride, device)
+        self.described = tuple(describe(value) for value in arguments) + (('state', state),)
+        self.hash = hash(self.described)
+
+    def __eq__(self, other) -> bool:
+        return self.described == other.described
+
+    def __hash__(self) -> int:
+        return self.hash
+
+
+def describe(value) -> tuple:
+    """A call argument as its kind: a tensor by layout (its values are the artefact's input), others by value."""
+    if isinstance(value, torch.Tensor):
+        return 'tensor', tuple(value.shape), str(value.dtype), value.stride(), str(value.device)
+    if value is None or isinstance(value, (bool, int, float, str, tuple)):
+        return 'value', value
+    raise TypeError(f'a precompiled call takes tensors, None, numbers, strings and tuples; got {type(value).__name__}')
+
+
+class PrecompiledCalls:
+    """A network's calls, each kind through its artefact (loaded, else built and saved) and CUDA graph."""
+
+    def __init__(self, network: nn.Module, folder: str, options: dict):
+        self.network = network
+        self.folder = folder
+        self.graphs = bool(options.get('triton.cudagraphs'))
+        self.options = {key: value for key, value in options.items() if key != 'triton.cudagraphs'}
+        self.signature = inspect.signature(network.forward)
+        self.calls: Dict[CallKind, Callable] = {}
+        self.pool = None   # one CUDA graph memory pool for the network's graphs, which never run at once
+        self.built = self.loaded = 0   # artefacts, for tests and logs
+
+    def __call__(self, *args, **kwargs):
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = list(bound.arguments.values())
+        tensors = [value for value in arguments if isinstance(value, torch.Tensor)]
+        kind = CallKind(arguments, getattr(self.network, 'trace_state', tuple)())
+        call = self.calls.get(kind)
+        if call is None:
+            call = self.calls[kind] = self.prepare(kind, arguments, tensors)
+        return call(*tensors)
+
+    def prepare(self, kind: CallKind, arguments: list, tensors: List[torch.Tensor]) -> Callable:
+        """The call of this kind: the artefact run directly, or replayed from a CUDA graph of it."""
+        path = os.path.join(self.folder, artefact_name(self.network, kind, self.options) + '.pt')
+        run = self.load(path) or self.build(path, arguments)
+        if self.graphs and tensors and tensors[0].is_cuda:
+            return GraphedCall(lambda *inputs: run(self.network, *inputs), tensors, self)
+        return lambda *inputs: run(self.network, *inputs)
+
+    def load(self, path: str) -> Optional[Callable]:
+        """The artefact saved at `path`, or None when there is none or it cannot be read (then rebuilt)."""
+        if not os.path.exists(path):
+            return None
+        try:
+            saved = torch.load(path, weights_only=True)
+            with own_code_loading():
+                run = torch.compiler.precompile.load(saved['code'], saved['cache'])
+        except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as error:
+            logger.warning('compile cache: %s unreadable (%s); compiling it again', path, error)
+            return None
+        self.loaded += 1
+        logger.info('compile cache: %s loaded', path)
+        return run
+
+    def build(self, path: str, arguments: list) -> Callable:
+        """Trace one call with these arguments, lower it, save it at `path` (atomically) and return it."""
+        positions = [i for i, value in enumerate(arguments) if isinstance(value, torch.Tensor)]
+
+        def call(network, *tensors):   # the tensors are the inputs; the other arguments are frozen in the trace
+            filled = list(arguments)
+            for i, tensor in zip(positions, tensors):
+                filled[i] = tensor
+            with torch.no_grad():
+                return network.forward(*filled)
+
+        call(self.network, *[arguments[i] for i in positions])   # eager once: the kernel probes run outside the trace
+        from torch._inductor.decomposition import select_decomp_table
+        logger.warning('compile cache: compiling %s for %s (minutes, once per machine)',
+                       type(self.network).__name__, path)
+        with torch._inductor.config.patch(self.options):
+            code, cache = torch.compiler.precompile(call, self.network, *[arguments[i] for i in positions],
+                                                    decompositions=select_decomp_table())
+        save_atomically({'code': code, 'cache': cache}, path)
+        self.built += 1
+        with own_code_loading():
+            return torch.compiler.precompile.load(code, cache)
+
+
+@contextlib.contextmanager
+def own_code_loading():
+    """Inside: torch.compiler.precompile.load without its warning that the code it executes is untrusted input.
+    The code is this package's trace, in the folder whose trust the module docstring states."""
+    precompile_log = logging.getLogger('torch._precompile')
+    precompile_log.addFilter(drop_untrusted_code_warning)
+    try:
+        yield
+    finally:
+        precompile_log.removeFilter(drop_untrusted_code_warning)
+
+
+def drop_untrusted_code_warning(record: logging.LogRecord) -> bool:
+    return 'untrusted executable input' not in record.getMessage()
+
+
+class GraphedCall:
+    """One kind of call captured in a CUDA graph over static copies of its inputs and replayed. The output is
+    the graph's, overwritten by the next replay (as with torch.compile's CUDA graphs). Captured again when a
+    buffer of the network has been replaced since."""
+
+    def __init__(self, run: Callable, tensors: List[torch.Tensor], owner: PrecompiledCalls):
+        self.run, self.owner = run, owner
+        self.inputs = [tensor.clone() for tensor in tensors]   # clone keeps the strides the artefact was made for
+        self.buffers = buffer_places(owner.network)
+        self.capture()
+
+    def capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):   # warm-up off the capture: the library handles and workspaces it makes
+            for _ in range(2):
+                self.run(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        if self.owner.pool is None:
+            self.owner.pool = torch.cuda.graph_pool_handle()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=self.owner.pool):
+            self.output = self.run(*self.inputs)
+        self.addresses = buffer_addresses(self.buffers)
+
+    def __call__(self, *tensors):
+        if buffer_addresses(self.buffers) != self.addresses:
+            self.capture()
+        for static, tensor in zip(self.inputs, tensors):
+            static.copy_(tensor)
+        self.graph.replay()
+        return self.output
+
+
+def buffer_places(network: nn.Module) -> List[Tuple[nn.Module, str]]:
+    """(module, name) of every buffer of the network: where a replaced buffer would be found."""
+    return [(module, name) for module in network.modules() for name in module._buffers]
+
+
+def buffer_addresses(places: List[Tuple[nn.Module, str]]) -> tuple:
+    """The data pointers of those buffers now (0 for an unset one)."""
+    return tuple(0 if buffer is None else buffer.data_ptr()
+                 for buffer in (module._buffers[name] for module, name in places))
+
+
+def artefact_name(network: nn.Module, kind: CallKind, options: dict) -> str:
+    """The file name of a network's artefact for calls of this kind: a hash of everything a trace freezes."""
+    tensors = list(network.named_parameters()) + list(network.named_buffers())
+    structure = tuple((name, tuple(t.shape), str(t.dtype), t.stride(), str(t.device)) for name, t in tensors)
+    device = torch.cuda.get_device_name() if any(t.is_cuda for _, t in tensors) else 'cpu'
+    described = repr((FORMAT, type(network).__qualname__, kind.described, structure, sorted(options.items()),
+                      torch.__version__, device, network_source_hash()))
+    return f'{type(network).__name__}-{hashlib.sha256(described.encode()).hexdigest()[:32]}'
+
+
+def network_source_hash() -> str:
+    """A hash of the package's network sources: a changed forward makes new artefacts."""
+    digest = hashlib.sha256()
+    for path in sorted(NETWORK_SOURCES.glob('*.py')):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def save_atomically(artefact: dict, path: str) -> None:
+    """torch.save to a temporary file beside `path`, then renamed over it: readers never see half a file, and
+    processes that build the same artefact at once each rename a whole one."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    scratch.remove_stale(folder, scratch.TEMPORARY_FOLDER_RE, once=True)   # of builders killed before
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.tmp-')
+    try:
+        with os.fdopen(handle, 'wb') as f:
+            torch.save(artefact, f)
+        os.replace(temporary, path)
+    except BaseException:
+        scratch.remove_quietly(temporary)
+        raise

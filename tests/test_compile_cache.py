@@ -1,0 +1,202 @@
+"""compile_cache: networks precompiled to disk, then loaded by a later engine or process without tracing.
+
+On the CPU with inductor's C++ backend; the CUDA-graph replay (GraphedCall) cannot run here. Tests of the cache's
+mechanics use precompile's eager backend (the captured graph run as traced: seconds, not minutes).
+"""
+
+import copy
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from modelscope_t2v import compile_cache, parse_request
+from modelscope_t2v.compile_cache import CallKind, CompileCache, artefact_name, buffer_addresses, buffer_places
+from modelscope_t2v.config import TINY
+from modelscope_t2v.models.unet3d import UNet3D
+from modelscope_t2v.text_to_video import TextToVideo
+from reference import randomize_, rel_err
+
+SMALL = {'num_frames': 4, 'height': 64, 'width': 64, 'num_inference_steps': 3, 'seed': 7, 'output_type': 'frames'}
+PROMPT = {'text': 'a panda playing the guitar'}
+NETWORKS = ('unet', 'text_encoder', 'autoencoder.decoder')
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def precompiled_calls(engine) -> list:
+    """The PrecompiledCalls of the engine's three networks."""
+    return [engine.unet._compiled_call_impl, engine.text_encoder._compiled_call_impl,
+            engine.autoencoder.decoder._compiled_call_impl]
+
+
+class EagerPrecompile:
+    """torch.compiler.precompile with backend='eager'."""
+
+    def __init__(self):
+        self.real = torch.compiler.precompile
+
+    def __call__(self, *args, **kwargs):
+        return self.real(*args, backend='eager', **kwargs)
+
+    def load(self, code, cache):
+        return self.real.load(code, cache)
+
+
+@pytest.fixture
+def eager_precompile(monkeypatch):
+    monkeypatch.setattr(torch.compiler, 'precompile', EagerPrecompile())
+
+
+@pytest.fixture(scope='module')
+def cached_generation(tiny_model_dir, tmp_path_factory):
+    """A CPU engine compiled through a compile cache (inductor), its frames and its folder."""
+    folder = str(tmp_path_factory.mktemp('compile-cache'))
+    engine = TextToVideo.from_pretrained(tiny_model_dir, device='cpu')
+    engine.compile_networks('default', compile_cache=folder)
+    frames = engine(parse_request(PROMPT, engine.config, **SMALL)).frames[0]
+    return engine, frames, folder
+
+
+@pytest.mark.slow
+def test_cached_engine_generates_the_frames_of_the_plain_engine(cached_generation, tiny_engine):
+    engine, frames, folder = cached_generation
+    expected = tiny_engine(parse_request(PROMPT, tiny_engine.config, **SMALL)).frames[0].astype(int)
+    difference = np.abs(frames.astype(int) - expected)
+    print(f'precompiled engine against plain: {np.count_nonzero(difference)} of {difference.size} uint8 values '
+          f'differ, by at most {difference.max()}')
+    assert frames.shape == (4, 64, 64, 3) and difference.max() <= 1
+    assert [(calls.built, calls.loaded) for calls in precompiled_calls(engine)] == [(1, 0)] * 3
+    assert sorted(name.split('-')[0] for name in os.listdir(folder)) == ['Decoder', 'OpenCLIPTextEncoder', 'UNet3D']
+
+
+CHILD = r'''
+import json, sys
+import numpy as np
+from torch._dynamo.utils import counters
+from modelscope_t2v import TextToVideo, parse_request
+model_dir, folder, out, small = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+engine = TextToVideo.from_pretrained(model_dir, device='cpu')
+engine.compile_networks('default', compile_cache=folder)
+np.save(out, engine(parse_request({'text': 'a panda playing the guitar'}, engine.config, **small)).frames[0])
+calls = [engine.unet._compiled_call_impl, engine.text_encoder._compiled_call_impl,
+         engine.autoencoder.decoder._compiled_call_impl]
+print(json.dumps({'built': [c.built for c in calls], 'loaded': [c.loaded for c in calls],
+                  'dynamo_frames': counters['stats'].get('unique_graphs', 0)}))
+'''
+
+
+@pytest.mark.slow
+def test_a_second_process_loads_the_artefacts_without_tracing(cached_generation, tiny_model_dir, tmp_path):
+    """A fresh interpreter on the same folder: every network loaded, none built, dynamo never traces, and the
+    frames are the first process's exactly (the same kernels)."""
+    _, frames, folder = cached_generation
+    out = str(tmp_path / 'frames.npy')
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [os.path.dirname(HERE),
+                                                                      os.environ.get('PYTHONPATH')]))}
+    result = subprocess.run([sys.executable, '-c', CHILD, tiny_model_dir, folder, out, json.dumps(SMALL)],
+                            env=env, check=True, stdout=subprocess.PIPE, text=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    print('second process:', report)
+    assert report == {'built': [0, 0, 0], 'loaded': [1, 1, 1], 'dynamo_frames': 0}
+    assert np.array_equal(np.load(out), frames)
+
+
+def test_calls_of_another_kind_get_their_own_artefacts(tiny_model_dir, tiny_engine, tmp_path, eager_precompile):
+    """Guided (two texts a video) and unguided (one) UNet calls and a temporal window are traced apart; each
+    kind's frames are the plain engine's."""
+    engine = TextToVideo.from_pretrained(tiny_model_dir, device='cpu')
+    engine.compile_networks('default', compile_cache=str(tmp_path))
+    for extra in ({}, {'guidance_scale': 1.0}, {'temporal_window': 2}, {}):
+        got = engine(parse_request({**PROMPT, **extra}, engine.config, **SMALL)).frames[0].astype(int)
+        expected = tiny_engine(parse_request({**PROMPT, **extra}, tiny_engine.config, **SMALL)).frames[0]
+        print(extra, 'largest difference from the plain engine:', np.abs(got - expected).max())
+        assert np.abs(got - expected).max() <= 1
+    unet, text_encoder, decoder = precompiled_calls(engine)
+    assert (unet.built, text_encoder.built, decoder.built) == (3, 2, 1)   # the text encoder: 2 prompts or 1
+    assert len(os.listdir(tmp_path)) == 6
+
+
+def test_artefact_names_follow_what_a_trace_freezes(tmp_path, monkeypatch):
+    unet = randomize_(UNet3D(TINY.unet), 0).eval()
+    x, t = torch.randn(1, 4, 4, 8, 8), torch.tensor([500])
+    unet.remember_text(torch.randn(2, 77, TINY.unet.context_dim))
+
+    def name(x=x, options={'triton.enable_pdl': True}):
+        return artefact_name(unet, CallKind([x, t, None, None], unet.trace_state()), options)
+
+    first = name()
+    with torch.no_grad():
+        unet.input_blocks[0][0].weight.add_(1.0)   # weights are inputs: a LoRA written in place keeps the name
+    assert name() == first and first.startswith('UNet3D-')
+    others = {'shape': name(x=torch.randn(1, 4, 6, 8, 8)), 'options': name(options={})}
+    unet.set_temporal_window(2, 1)
+    others['window'] = name()
+    unet.set_temporal_window(None, 1)
+    unet.remember_text(torch.randn(1, 77, TINY.unet.context_dim))
+    others['texts'] = name()
+    unet.remember_text(torch.randn(2, 77, TINY.unet.context_dim))
+    assert name() == first
+    unet.add_guidance_embedding(256)
+    others['guidance embedding'] = name()
+    unet.remove_guidance_embedding()
+    sources = tmp_path / 'models'
+    shutil.copytree(compile_cache.NETWORK_SOURCES, sources)
+    (sources / 'unet3d.py').write_text((sources / 'unet3d.py').read_text() + '\n# changed\n')
+    monkeypatch.setattr(compile_cache, 'NETWORK_SOURCES', sources)
+    others['network source'] = name()
+    print(first, others)
+    assert len(set(others.values()) | {first}) == len(others) + 1
+
+
+def test_unreadable_artefact_is_compiled_again(tmp_path, eager_precompile, caplog):
+    """A damaged file is replaced by a new build, with a warning naming it; no temporary file stays."""
+    network = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = network(x)
+    outputs, counts = [], []
+    for damage in (False, True, False):
+        copied = copy.deepcopy(network)
+        CompileCache(str(tmp_path)).compile(copied, {})
+        if damage:
+            (path,) = tmp_path.iterdir()
+            path.write_bytes(b'not an artefact')
+        with caplog.at_level(logging.WARNING, logger='modelscope_t2v.compile_cache'):
+            outputs.append(copied(x))
+        counts.append((copied._compiled_call_impl.built, copied._compiled_call_impl.loaded))
+    assert counts == [(1, 0), (1, 0), (0, 1)]
+    assert any('unreadable' in record.getMessage() and str(path) in record.getMessage() for record in caplog.records)
+    assert max(rel_err(output, expected) for output in outputs) < 1e-6
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_replaced_buffer_changes_the_addresses_graphs_check():
+    """GraphedCall captures again when a buffer it read was replaced: remember_text writes in place for the same
+    count of texts and replaces the buffers for another."""
+    unet = randomize_(UNet3D(TINY.unet), 0).eval()
+    places = buffer_places(unet)
+    assert len(places) == 2 * len(unet.cross_attentions)   # text_k, text_v
+    context = torch.randn(2, 77, TINY.unet.context_dim)
+    unet.remember_text(context)
+    two_texts = buffer_addresses(places)
+    unet.remember_text(context + 1)
+    assert buffer_addresses(places) == two_texts and 0 not in two_texts
+    unet.remember_text(context[:1])
+    assert buffer_addresses(places) != two_texts
+
+
+@pytest.mark.parametrize('value,error,message', [(3, TypeError, 'compile_cache=3 is not True, False or a folder'),
+                                                 ('FILE', ValueError, 'is a file, not a folder')])
+def test_bad_compile_cache_is_refused_before_loading(tmp_path, value, error, message):
+    if value == 'FILE':
+        value = str(tmp_path / 'a-file')
+        open(value, 'w').close()
+    with pytest.raises(error, match=message):
+        TextToVideo.from_pretrained(str(tmp_path / 'no-model-here'), compile_cache=value)
