@@ -54,26 +54,26 @@ class GenerationThread:
 def warm_up(pipe, thread: GenerationThread) -> None:
     """Compile before serving: one default video on the generation thread, so no visitor waits minutes for
     it. Then a request of another shape (frames, guidance off) runs eager rather than compiling again
-    (torch's 'eager_on_recompile' stance): each new shape would cost a visitor minutes."""
-    import torch
+    (TextToVideo.stop_compiling): each new shape would cost a visitor minutes."""
     print('demo: compiling the networks on a default video before serving: about 3 minutes, under a minute '
           'when an earlier run left the compiler caches (without --compile it serves at once)', file=sys.stderr,
           flush=True)
     start = time.perf_counter()
     thread.run(pipe, {'text': EXAMPLES[0]}, output_type='frames')
-    torch.compiler.set_stance('eager_on_recompile')
+    pipe.model.engine.stop_compiling()
     print(f'demo: compiled in {time.perf_counter() - start:.0f} s; requests of other shapes run eager',
           file=sys.stderr, flush=True)
 
 
 def load_pipeline(model: str, hub: str = 'huggingface', device: str = 'gpu', base_model: str | None = None,
-                  compile: str | bool = False):
+                  compile: str | bool = False, compile_cache: bool = False):
     """The ModelScope text-to-video pipeline over a local model dir or a hub id (downloaded once), in either
-    layout; `base_model` supplies what a partial original-format folder lacks; `compile` a torch.compile mode."""
+    layout; `base_model` supplies what a partial original-format folder lacks; `compile` a torch.compile mode,
+    `compile_cache` TextToVideo.from_pretrained's."""
     from modelscope.pipelines import pipeline
     base = resolve_model_dir(base_model, hub) if base_model else None
     return pipeline('text-to-video-synthesis', resolve_model_dir(model, hub), device=device, base_model=base,
-                    compile_unet=compile)
+                    compile_unet=compile, compile_cache=compile_cache)
 
 
 def build_demo(pipe, queue_size: int = QUEUE_SIZE, thread: GenerationThread | None = None) -> gr.Blocks:
@@ -159,12 +159,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         'serves requests of other shapes eager')
     parser.add_argument('--compile-mode', choices=COMPILE_MODES, default=FAST_COMPILE_MODE,
                         help="--compile's torch.compile mode (default: %(default)s)")
-    return parser.parse_args(argv)
+    parser.add_argument('--compile-cache', action='store_true',
+                        help='--compile, keeping the compiled networks on disk: a restart loads them instead of '
+                             'compiling again (TextToVideo.from_pretrained compile_cache=True)')
+    args = parser.parse_args(argv)
+    args.compile = args.compile or args.compile_cache
+    return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    pipe = load_pipeline(args.model, args.hub, args.device, args.base_model, compile_mode(args))
+    pipe = load_pipeline(args.model, args.hub, args.device, args.base_model, compile_mode(args), args.compile_cache)
     thread = GenerationThread()
     if args.compile and pipe.model.engine.device.type == 'cuda':   # on the CPU nothing compiles
         warm_up(pipe, thread)

@@ -96,6 +96,7 @@ class PrecompiledCalls:
         self.calls: Dict[CallKind, Callable] = {}
         self.pool = None   # one CUDA graph memory pool for the network's graphs, which never run at once
         self.built = self.loaded = 0   # artefacts, for tests and logs
+        self.builds = True   # False: a kind with no artefact on disk runs eager (TextToVideo.stop_compiling)
 
     def __call__(self, *args, **kwargs):
         bound = self.signature.bind(*args, **kwargs)
@@ -111,7 +112,12 @@ class PrecompiledCalls:
     def prepare(self, kind: CallKind, arguments: list, tensors: List[torch.Tensor]) -> Callable:
         """The call of this kind: the artefact run directly, or replayed from a CUDA graph of it."""
         path = os.path.join(self.folder, artefact_name(self.network, kind, self.options) + '.pt')
-        run = self.load(path) or self.build(path, arguments)
+        run = self.load(path)
+        if run is None and not self.builds:
+            logger.info('compile cache: no %s for this kind of call; it runs eager', path)
+            call = frozen_call(arguments)
+            return lambda *inputs: call(self.network, *inputs)
+        run = run or self.build(path, arguments)
         if self.graphs and tensors and tensors[0].is_cuda:
             return GraphedCall(lambda *inputs: run(self.network, *inputs), tensors, self)
         return lambda *inputs: run(self.network, *inputs)
@@ -133,26 +139,31 @@ class PrecompiledCalls:
 
     def build(self, path: str, arguments: list) -> Callable:
         """Trace one call with these arguments, lower it, save it at `path` (atomically) and return it."""
-        positions = [i for i, value in enumerate(arguments) if isinstance(value, torch.Tensor)]
-
-        def call(network, *tensors):   # the tensors are the inputs; the other arguments are frozen in the trace
-            filled = list(arguments)
-            for i, tensor in zip(positions, tensors):
-                filled[i] = tensor
-            with torch.no_grad():
-                return network.forward(*filled)
-
-        call(self.network, *[arguments[i] for i in positions])   # eager once: the kernel probes run outside the trace
+        call, tensors = frozen_call(arguments), [value for value in arguments if isinstance(value, torch.Tensor)]
+        call(self.network, *tensors)   # eager once: the kernel probes (kernel_probe.py) run outside the trace
         from torch._inductor.decomposition import select_decomp_table
         logger.warning('compile cache: compiling %s for %s (minutes, once per machine)',
                        type(self.network).__name__, path)
         with torch._inductor.config.patch(self.options):
-            code, cache = torch.compiler.precompile(call, self.network, *[arguments[i] for i in positions],
-                                                    decompositions=select_decomp_table())
+            code, cache = torch.compiler.precompile(call, self.network, *tensors, decompositions=select_decomp_table())
         save_atomically({'code': code, 'cache': cache}, path)
         self.built += 1
         with own_code_loading():
             return torch.compiler.precompile.load(code, cache)
+
+
+def frozen_call(arguments: list) -> Callable:
+    """call(network, *tensors): network.forward with these arguments, the tensors in place of theirs (in order),
+    without autograd. What precompile traces: the other arguments are frozen in the trace."""
+    positions = [i for i, value in enumerate(arguments) if isinstance(value, torch.Tensor)]
+
+    def call(network, *tensors):
+        filled = list(arguments)
+        for i, tensor in zip(positions, tensors):
+            filled[i] = tensor
+        with torch.no_grad():
+            return network.forward(*filled)
+    return call
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from einops import rearrange
 
 from . import config as config_lib
 from . import model_folder, tokenizer, video_io
-from .compile_cache import CompileCache
+from .compile_cache import CompileCache, PrecompiledCalls
 from .half_cache import HALF_DTYPES, load_networks_cached
 from .lora.apply import LoraStack
 from .lora.formats import LoraWeights, read_lora
@@ -146,6 +146,16 @@ class TextToVideo:
         self.autoencoder.compile_decoder(decoder_options)
         if not self.low_memory:
             self.text_encoder.compile(dynamic=False, options=compile_options(mode))
+
+    def stop_compiling(self) -> None:
+        """From now on a call of a new kind (another video size, guidance off) runs eager rather than compiling
+        for minutes: torch.compile's stance 'eager_on_recompile'; with compile_cache, what is on disk still
+        loads and nothing new is built. For servers, after compiling what they serve most (demo/app.py)."""
+        torch.compiler.set_stance('eager_on_recompile')
+        for network in (self.unet, self.text_encoder, self.autoencoder.decoder):
+            calls = getattr(network, '_compiled_call_impl', None)
+            if isinstance(calls, PrecompiledCalls):
+                calls.builds = False
 
     @torch.no_grad()
     def encode_prompts(self, prompts, negatives=None) -> tuple:

@@ -200,3 +200,25 @@ def test_bad_compile_cache_is_refused_before_loading(tmp_path, value, error, mes
         open(value, 'w').close()
     with pytest.raises(error, match=message):
         TextToVideo.from_pretrained(str(tmp_path / 'no-model-here'), compile_cache=value)
+
+
+def test_after_stop_compiling_new_kinds_run_eager_and_known_ones_still_load(tiny_model_dir, tiny_engine, tmp_path,
+                                                                            eager_precompile):
+    """TextToVideo.stop_compiling (the demo after its warm-up): a kind with an artefact on disk loads, a new one
+    runs the network as it is, and nothing is built."""
+    first = TextToVideo.from_pretrained(tiny_model_dir, device='cpu')
+    first.compile_networks('default', compile_cache=str(tmp_path))
+    first(parse_request(PROMPT, first.config, **SMALL))   # the guided kind, on disk now
+    engine = TextToVideo.from_pretrained(tiny_model_dir, device='cpu')
+    engine.compile_networks('default', compile_cache=str(tmp_path))
+    try:
+        engine.stop_compiling()
+        for extra in ({}, {'guidance_scale': 1.0}):
+            got = engine(parse_request({**PROMPT, **extra}, engine.config, **SMALL)).frames[0].astype(int)
+            expected = tiny_engine(parse_request({**PROMPT, **extra}, tiny_engine.config, **SMALL)).frames[0]
+            assert np.abs(got - expected).max() <= 1
+    finally:
+        torch.compiler.set_stance('default')
+    counts = [(calls.built, calls.loaded) for calls in precompiled_calls(engine)]
+    print('built, loaded (UNet, text encoder, decoder):', counts)
+    assert counts == [(0, 1), (0, 1), (0, 1)] and len(os.listdir(tmp_path)) == 3

@@ -241,17 +241,26 @@ def test_generations_run_on_one_thread_with_the_callers_context():
     assert [name for _, name in seen] == ['event 0', 'event 1', 'event 2']
 
 
-def test_warm_up_makes_a_default_video_on_the_generation_thread(capsys):
+def test_warm_up_makes_a_default_video_on_the_generation_thread_then_stops_compiling(capsys):
     import threading
-
-    import torch
+    from types import SimpleNamespace
     app = _load_app()
     thread, calls = app.GenerationThread(), []
     generation_thread = thread.run(threading.get_ident)
-    pipe = lambda inputs, **options: calls.append((threading.get_ident(), inputs, options))  # noqa: E731
-    try:
-        app.warm_up(pipe, thread)
-    finally:
-        torch.compiler.set_stance('default')
-    assert calls == [(generation_thread, {'text': app.EXAMPLES[0]}, {'output_type': 'frames'})]
+
+    class Pipe:
+        model = SimpleNamespace(engine=SimpleNamespace(stop_compiling=lambda: calls.append('stop compiling')))
+
+        def __call__(self, inputs, **options):
+            calls.append((threading.get_ident(), inputs, options))
+
+    app.warm_up(Pipe(), thread)
+    assert calls == [(generation_thread, {'text': app.EXAMPLES[0]}, {'output_type': 'frames'}), 'stop compiling']
     assert 'compiling the networks' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('flags, compiles, cache', [([], False, False), (['--compile'], True, False),
+                                                    (['--compile-cache'], True, True)])
+def test_compile_cache_flag_compiles(flags, compiles, cache):
+    args = _load_app().parse_args(flags)
+    assert (args.compile, args.compile_cache) == (compiles, cache)
