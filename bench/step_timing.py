@@ -5,6 +5,8 @@
     python bench/step_timing.py reduce-overhead freezing           # only the named variants, in this order
     python bench/step_timing.py --parallel reduce-overhead no-pdl  # each variant compiled in its own process at
                                                                    # once, then timed one after another
+    python bench/step_timing.py reduce-overhead --videos=2         # 2 videos a call (batched prompts)
+    python bench/step_timing.py reduce-overhead --frames=24 --latents=72x40   # zeroscope 576w's shape
 
 Variants: eager, reduce-overhead (the package's compiled path, with programmatic dependent launch:
 on Hopper each Triton kernel starts while the one before it ends), no-pdl (without it),
@@ -77,10 +79,19 @@ dtype = torch.float16 if dev == 'cuda' else torch.float32
 torch.manual_seed(0)
 with torch.device(dev):
     unet = unet3d.UNet3D(cfg.unet).to(dtype).eval().requires_grad_(False)
-lat = 32 if cfg is FULL else 8
-x = torch.randn(1, 4, 16, lat, lat, device=dev, dtype=dtype)
-ctx, unc = torch.randn(2, 1, 77, cfg.unet.context_dim, device=dev, dtype=dtype)
-t1 = torch.full((1,), 981, device=dev)
+
+
+def option(name):
+    """The value of a --name=value argument, or None."""
+    return next((arg.split('=', 1)[1] for arg in sys.argv if arg.startswith(f'--{name}=')), None)
+
+
+# the shape of one call: --videos=N (N videos per UNet call, 2 N texts), --frames=F, --latents=WxH (576w: 72x40)
+videos, frames = int(option('videos') or 1), int(option('frames') or 16)
+width, height = map(int, (option('latents') or ('32x32' if cfg is FULL else '8x8')).split('x'))
+x = torch.randn(videos, 4, frames, height, width, device=dev, dtype=dtype)
+ctx, unc = torch.randn(2, videos, 77, cfg.unet.context_dim, device=dev, dtype=dtype)
+t1 = torch.full((videos,), 981, device=dev)
 START = time.perf_counter()
 
 
@@ -104,7 +115,8 @@ def report(name, eps_fn, reference):
     loop = functools.partial(ddim_loop, eps_fn, 50)
     loop()
     per_step = wall(loop, 2) / 50
-    print(f'{name:40} first {first:7.1f} s  rel diff {error:.1e}  guided eps {eps * 1e3:6.2f} ms  '
+    print(f'{name:40} first {first:7.1f} s  rel diff {error:.1e}  guided eps {eps * 1e3:6.2f} ms '
+          f'({eps * 1e3 / videos:6.2f} a video)  '
           f'loop/step {per_step * 1e3:6.2f} ms  '
           f'(t={time.perf_counter() - START:.0f} s)', flush=True)
     if dev != 'cuda':
@@ -463,11 +475,6 @@ VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
 }
 
 
-def option(name):
-    """The value of a --name=value argument, or None."""
-    return next((arg.split('=', 1)[1] for arg in sys.argv if arg.startswith(f'--{name}=')), None)
-
-
 def wait_for_turn():
     """In a --parallel child: say this variant is compiled, then wait for every variant compiled and the one
     before this one timed, so that each times with the GPU and the CPU to itself."""
@@ -483,7 +490,8 @@ def run_in_parallel(names):
     """One child process per variant; print their outputs in order once all have finished."""
     with tempfile.TemporaryDirectory() as turn_dir:
         logs = [pathlib.Path(turn_dir, f'log-{i}') for i in range(len(names))]
-        passed_on = [arg for arg in sys.argv if arg == 'tiny' or arg.startswith('--kernels-dir=')]
+        passed_on = [arg for arg in sys.argv
+                     if arg == 'tiny' or arg.startswith(('--kernels-dir=', '--videos=', '--frames=', '--latents='))]
         children = [subprocess.Popen([sys.executable, __file__, name, *passed_on,
                                       f'--turn={i}', f'--of={len(names)}', f'--turn-dir={turn_dir}'],
                                      stdout=log.open('w'), stderr=subprocess.STDOUT)
