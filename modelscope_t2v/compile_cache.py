@@ -119,7 +119,10 @@ class PrecompiledCalls:
             return lambda *inputs: call(self.network, *inputs)
         run = run or self.build(path, arguments)
         if self.graphs and tensors and tensors[0].is_cuda:
-            return GraphedCall(lambda *inputs: run(self.network, *inputs), tensors, self)
+            try:
+                return GraphedCall(lambda *inputs: run(self.network, *inputs), tensors, self)
+            except RuntimeError as error:   # what the capture refuses runs as it is, a little slower
+                logger.warning('compile cache: %s runs without a CUDA graph: its capture failed (%s)', path, error)
         return lambda *inputs: run(self.network, *inputs)
 
     def load(self, path: str) -> Optional[Callable]:
