@@ -56,9 +56,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--compile-mode', choices=COMPILE_MODES, default=FAST_COMPILE_MODE,
                        help="--compile's torch.compile mode (default: %(default)s)")
     group.add_argument('--compile-cache', action='store_true',
-                       help='with --compile: keep the compiled networks on disk, in the compiler cache folder '
-                            '($TORCHINDUCTOR_CACHE_DIR), so that later runs on this machine load them instead of '
-                            'compiling again (torch.compiler.precompile; a new video size compiles once more)')
+                       help='--compile, keeping the compiled networks on disk in the compiler cache folder '
+                            '($TORCHINDUCTOR_CACHE_DIR, default in the system temp folder), so that later runs on '
+                            'this machine load them instead of compiling again (torch.compiler.precompile; a new '
+                            'video size compiles once more)')
     group.add_argument('--low-memory', action='store_true',
                        help='keep the text encoder and autoencoder on the CPU between uses; decode frame by frame')
     group.add_argument('--half-cache', action='store_true',
