@@ -8,7 +8,8 @@ arithmetic), then times on the same GPU, with medians over --runs:
   eager     TextToVideo per stage (text, denoise, decode, uint8, mp4) and end to end,
             DDIM-50 and DPM++2M-25, peak memory;
   memory    low_memory=True, and 64 frames with and without it: time and peak memory;
-  compile   the compiled fast path (channels-last, temporal GEMMs), its warm-up cost;
+  compile   the compiled fast path (channels-last, temporal GEMMs), its warm-up cost (--compile-cache: through
+            the compile cache, compile_cache.py);
   fp32      a float32 run of the same seed: PSNR of every fast path's frames against it;
   builtin, diffusers   the peers of bench/peers.py.
 Also the FLOP count of the default generation and the measured fp16 matmul ceiling.
@@ -173,9 +174,10 @@ def bench_memory(args, device) -> list:
 
 def bench_compiled(args, device, mode: str) -> tuple:
     """The compiled fast path: (row, seconds of the first, compiling, generation)."""
-    engine = load(args, device, compile=mode)
+    engine = load(args, device, compile=mode, compile_cache=args.compile_cache)
     _, warm_up = timed(lambda: engine(default_request(engine, args, num_inference_steps=2)))
-    row = bench_ours(engine, args, f'modelscope-t2v compiled ({mode}), channels-last')
+    cache = ', compile cache' if args.compile_cache else ''
+    row = bench_ours(engine, args, f'modelscope-t2v compiled ({mode}{cache}), channels-last')
     release(engine)
     return row, warm_up
 
@@ -222,6 +224,9 @@ def parse_args(argv):
     parser.add_argument('--skip', default='',
                         help='comma list of: startup, eager, memory, compile, fp32, builtin, diffusers')
     parser.add_argument('--compile-modes', default='reduce-overhead', help='torch.compile modes, comma separated')
+    parser.add_argument('--compile-cache', action='store_true',
+                        help="compiled rows through compile_cache=True (inductor's cache folder): precompiled "
+                             'networks, CUDA graphs captured by hand')
     args = parser.parse_args(argv)
     args.frames, args.height, args.width, args.sampler, args.steps, args.strength = WORKLOADS[args.workload]
     return args
