@@ -206,7 +206,8 @@ class GraphedCall:
         if self.owner.pool is None:
             self.owner.pool = torch.cuda.graph_pool_handle()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=self.owner.pool):
+        # thread_local, as torch.compile's CUDA graphs: another thread's CUDA calls do not break this capture
+        with torch.cuda.graph(self.graph, pool=self.owner.pool, capture_error_mode='thread_local'):
             self.output = self.run(*self.inputs)
         self.addresses = buffer_addresses(self.buffers)
 
