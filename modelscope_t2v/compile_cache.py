@@ -1,7 +1,7 @@
 """Compiled networks kept on disk: a second process on the same machine skips torch.compile's tracing.
 
 from_pretrained(compile=MODE, compile_cache=True) compiles each network with torch.compiler.precompile instead of
-torch.compile. The first call of each kind (CallKind: the arguments' shapes, dtypes and strides, which are None,
+torch.compile. The first call of each kind (call_kind: the arguments' shapes, dtypes and strides, which are None,
 the network's trace_state()) traces the network once, non-strictly, and lowers it through inductor with MODE's
 options. The artefact (Python source and an integrity-tagged cache) goes to one file in the folder, the kernels to
 inductor's own cache. A later call of that kind, in this process or another on this machine, loads the file: no
@@ -60,19 +60,10 @@ class CompileCache:
         network._compiled_call_impl = PrecompiledCalls(network, self.folder, options)
 
 
-class CallKind:
-    """What a trace of one network call depends on besides its tensors' values: hashable, comparable."""
-
-    def __init__(self, arguments: list, state: tuple):
-        # arguments: forward's, positional; a tensor stands for its (shape, dtype, stride, device)
-        self.described = tuple(describe(value) for value in arguments) + (('state', state),)
-        self.hash = hash(self.described)
-
-    def __eq__(self, other) -> bool:
-        return self.described == other.described
-
-    def __hash__(self) -> int:
-        return self.hash
+def call_kind(arguments: list, state: tuple) -> tuple:
+    """What a trace of one call depends on besides its tensors' values: forward's arguments, positional, a tensor
+    by its (shape, dtype, stride, device), and the network's trace_state(). Hashable: the key of its call."""
+    return tuple(describe(value) for value in arguments) + (('state', state),)
 
 
 def describe(value) -> tuple:
@@ -93,7 +84,7 @@ class PrecompiledCalls:
         self.graphs = bool(options.get('triton.cudagraphs'))
         self.options = {key: value for key, value in options.items() if key != 'triton.cudagraphs'}
         self.signature = inspect.signature(network.forward)
-        self.calls: Dict[CallKind, Callable] = {}
+        self.calls: Dict[tuple, Callable] = {}   # call_kind -> its call
         self.pool = None   # one CUDA graph memory pool for the network's graphs, which never run at once
         self.built = self.loaded = 0   # artefacts, for tests and logs
         self.builds = True   # False: a kind with no artefact on disk runs eager (TextToVideo.stop_compiling)
@@ -103,13 +94,13 @@ class PrecompiledCalls:
         bound.apply_defaults()
         arguments = list(bound.arguments.values())
         tensors = [value for value in arguments if isinstance(value, torch.Tensor)]
-        kind = CallKind(arguments, getattr(self.network, 'trace_state', tuple)())
+        kind = call_kind(arguments, getattr(self.network, 'trace_state', tuple)())
         call = self.calls.get(kind)
         if call is None:
             call = self.calls[kind] = self.prepare(kind, arguments, tensors)
         return call(*tensors)
 
-    def prepare(self, kind: CallKind, arguments: list, tensors: List[torch.Tensor]) -> Callable:
+    def prepare(self, kind: tuple, arguments: list, tensors: List[torch.Tensor]) -> Callable:
         """The call of this kind: the artefact run directly, or replayed from a CUDA graph of it."""
         path = os.path.join(self.folder, artefact_name(self.network, kind, self.options) + '.pt')
         run = self.load(path)
@@ -231,12 +222,12 @@ def buffer_addresses(places: List[Tuple[nn.Module, str]]) -> tuple:
                  for buffer in (module._buffers[name] for module, name in places))
 
 
-def artefact_name(network: nn.Module, kind: CallKind, options: dict) -> str:
+def artefact_name(network: nn.Module, kind: tuple, options: dict) -> str:
     """The file name of a network's artefact for calls of this kind: a hash of everything a trace freezes."""
     tensors = list(network.named_parameters()) + list(network.named_buffers())
     structure = tuple((name, tuple(t.shape), str(t.dtype), t.stride(), str(t.device)) for name, t in tensors)
     device = torch.cuda.get_device_name() if any(t.is_cuda for _, t in tensors) else 'cpu'
-    described = repr((FORMAT, type(network).__qualname__, kind.described, structure, sorted(options.items()),
+    described = repr((FORMAT, type(network).__qualname__, kind, structure, sorted(options.items()),
                       torch.__version__, device, network_source_hash()))
     return f'{type(network).__name__}-{hashlib.sha256(described.encode()).hexdigest()[:32]}'
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from modelscope_t2v import compile_cache, parse_request
-from modelscope_t2v.compile_cache import CallKind, CompileCache, artefact_name, buffer_addresses, buffer_places
+from modelscope_t2v.compile_cache import CompileCache, artefact_name, buffer_addresses, buffer_places, call_kind
 from modelscope_t2v.config import TINY
 from modelscope_t2v.models.unet3d import UNet3D
 from modelscope_t2v.text_to_video import TextToVideo
@@ -129,7 +129,7 @@ def test_artefact_names_follow_what_a_trace_freezes(tmp_path, monkeypatch):
     unet.remember_text(torch.randn(2, 77, TINY.unet.context_dim))
 
     def name(x=x, options={'triton.enable_pdl': True}):
-        return artefact_name(unet, CallKind([x, t, None, None], unet.trace_state()), options)
+        return artefact_name(unet, call_kind([x, t, None, None], unet.trace_state()), options)
 
     first = name()
     with torch.no_grad():
