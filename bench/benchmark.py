@@ -8,12 +8,14 @@ arithmetic), then times on the same GPU, with medians over --runs:
   eager     TextToVideo per stage (text, denoise, decode, uint8, mp4) and end to end,
             DDIM-50 and DPM++2M-25, peak memory;
   memory    low_memory=True, and 64 frames with and without it: time and peak memory;
+  graphs    cuda_graphs=True: the eager networks replayed from CUDA graphs, its capture cost (first video), and
+            the largest difference of its frames from the eager row's;
   compile   the compiled fast path (channels-last, temporal GEMMs), its warm-up cost (--compile-cache: through
             the compile cache, compile_cache.py);
   fp32      a float32 run of the same seed: PSNR of every fast path's frames against it;
   builtin, diffusers   the peers of bench/peers.py.
 Also the FLOP count of the default generation and the measured fp16 matmul ceiling.
---skip takes any of: startup, eager, memory, compile, fp32, builtin, diffusers (the FLOP count and the
+--skip takes any of: startup, eager, memory, graphs, compile, fp32, builtin, diffusers (the FLOP count and the
 ceiling always run: each row's floor).
 """
 
@@ -28,6 +30,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -172,6 +175,15 @@ def bench_memory(args, device) -> list:
     return rows
 
 
+def bench_graphs(args, device) -> tuple:
+    """The eager networks replayed from CUDA graphs: (row, seconds of the first video, capture included)."""
+    engine = load(args, device, cuda_graphs=True)
+    _, first = timed(lambda: engine(default_request(engine, args)))
+    row = bench_ours(engine, args, 'modelscope-t2v eager + CUDA graphs')
+    release(engine)
+    return row, first
+
+
 def bench_compiled(args, device, mode: str) -> tuple:
     """The compiled fast path: (row, seconds of the first, compiling, generation)."""
     engine = load(args, device, compile=mode, compile_cache=args.compile_cache)
@@ -209,7 +221,8 @@ def print_table(results: dict) -> None:
     for row in results['rows']:
         if 'stages_s' in row:
             print(row['label'], {k: (None if v is None else round(v, 4)) for k, v in row['stages_s'].items()})
-    for key in ('startup_s', 'compile_warm_up_s', 'psnr_db'):
+    for key in ('startup_s', 'graphs_first_video_s', 'graphs_max_uint8_difference_from_eager', 'compile_warm_up_s',
+                'psnr_db'):
         print(key, json.dumps(results.get(key)))
 
 
@@ -222,7 +235,7 @@ def parse_args(argv):
     parser.add_argument('--workload', choices=sorted(WORKLOADS), default='default',
                         help='frames, size, sampler and steps: ' + '; '.join(f'{k} {v}' for k, v in WORKLOADS.items()))
     parser.add_argument('--skip', default='',
-                        help='comma list of: startup, eager, memory, compile, fp32, builtin, diffusers')
+                        help='comma list of: startup, eager, memory, graphs, compile, fp32, builtin, diffusers')
     parser.add_argument('--compile-modes', default='reduce-overhead', help='torch.compile modes, comma separated')
     parser.add_argument('--compile-cache', action='store_true',
                         help="compiled rows through compile_cache=True (inductor's cache folder): precompiled "
@@ -269,6 +282,13 @@ def main(argv=None):
 
     if 'memory' not in skip:
         rows.extend(bench_memory(args, device))
+    if 'graphs' not in skip:
+        row, results['graphs_first_video_s'] = bench_graphs(args, device)
+        if 'eager' not in skip:
+            difference = np.abs(row['frames'].astype(np.int16) - rows[0]['frames'].astype(np.int16)).max()
+            results['graphs_max_uint8_difference_from_eager'] = int(difference)
+        rows.append(row)
+        print(row['label'], row['end_to_end_s'], 'peak', row['peak_gib'], flush=True)
     if 'compile' not in skip:
         results['compile_warm_up_s'] = {}
         for mode in filter(None, args.compile_modes.split(',')):

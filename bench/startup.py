@@ -1,7 +1,7 @@
-"""Start-up of the compiled fast path in fresh processes: a cold one (empty compiler caches), then warm ones.
+"""Start-up of the fast paths in fresh processes: a cold one (empty compiler caches), then warm ones.
 
     python bench/startup.py --out startup.json [--model-dir DIR] [--processes 2] [--cache-dir DIR]
-                            [--compile-cache] [--half-cache] [--device cpu --size tiny --steps 3]
+                            [--compile-cache | --cuda-graphs] [--half-cache] [--device cpu --size tiny --steps 3]
 
 Each process is a new Python interpreter that imports the package, loads the model with compile=, and makes two
 default generations (16 frames of 256x256, DDIM 50, guidance 9). The first one pays for compiling; start-up is
@@ -12,10 +12,11 @@ more: tracing, inductor, cache loads); what they leave of the first video is CUD
 
 On the CPU (--device cpu, a dry run; torch.compile's 'default' mode) the engine compiles as on CUDA.
 --compile-cache loads with compile_cache=True (compile_cache.py: precompiled networks in the inductor cache
-folder, no tracing in a warm process); each row then counts the artefacts built and loaded. --half-cache reads the
-weights from a half-precision copy in the cache folder (written by the first process). After its timings each
-process makes the first video again with an uncompiled engine: the largest uint8 difference and the PSNR of the
-compiled frames against those check that what was loaded computes what the networks do.
+folder, no tracing in a warm process); each row then counts the artefacts built and loaded. --cuda-graphs loads
+with cuda_graphs=True instead of compiling (cuda_graphs.py: the eager networks replayed from CUDA graphs).
+--half-cache reads the weights from a half-precision copy in the cache folder (written by the first process).
+After its timings each process makes the first video again with an uncompiled engine: the largest uint8
+difference and the PSNR of the fast path's frames against those check that it computes what the networks do.
 """
 
 from __future__ import annotations
@@ -37,16 +38,16 @@ from modelscope_t2v.tools.make_random_model import write_model_dir  # noqa: E402
 
 CHILD = r'''
 import json, sys, time
-started = float(sys.argv[3])
-options, device, steps = json.loads(sys.argv[4]), sys.argv[5], int(sys.argv[6])
+started = float(sys.argv[2])
+options, device, steps = json.loads(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 import numpy as np
 import torch
 from modelscope_t2v import TextToVideo, parse_request
 imported = time.time()
 sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
-engine = TextToVideo.from_pretrained(sys.argv[1], device=device, compile=sys.argv[2], **options)
-if device == 'cpu':   # from_pretrained compiles on CUDA only
-    engine.compile_networks(sys.argv[2], options['compile_cache'])
+engine = TextToVideo.from_pretrained(sys.argv[1], device=device, **options)
+if device == 'cpu' and options['compile']:   # from_pretrained compiles on CUDA only
+    engine.compile_networks(options['compile'], options['compile_cache'])
 loaded = time.time()
 request = parse_request({'text': 'A panda eating bamboo on a rock.', 'seed': 42}, engine.config, output_type='frames',
                         num_inference_steps=steps)
@@ -70,14 +71,14 @@ print(json.dumps({'import_s': imported - started, 'load_s': loaded - imported, '
 '''
 
 
-def run_process(model_dir: str, mode: str, cache: str, options: dict, device: str, steps: int) -> dict:
+def run_process(model_dir: str, cache: str, options: dict, device: str, steps: int) -> dict:
     """One fresh process's timings (seconds), with the compiler caches in `cache` and from_pretrained's
     `options`."""
     path = os.pathsep.join(filter(None, [os.path.join(HERE, '..'), os.environ.get('PYTHONPATH')]))
     env = {**os.environ, 'TORCHINDUCTOR_CACHE_DIR': os.path.join(cache, 'inductor'),
            'TRITON_CACHE_DIR': os.path.join(cache, 'triton'), 'PYTHONPATH': path}
-    out = subprocess.run([sys.executable, '-c', CHILD, model_dir, mode, repr(time.time()), json.dumps(options),
-                          device, str(steps)],
+    out = subprocess.run([sys.executable, '-c', CHILD, model_dir, repr(time.time()), json.dumps(options), device,
+                          str(steps)],
                          env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -91,28 +92,32 @@ def main():
     parser.add_argument('--cache-dir', default=None,
                         help='the compiler caches (emptied first; default: a new temp dir)')
     parser.add_argument('--compile-cache', action='store_true', help="from_pretrained's compile_cache=True")
+    parser.add_argument('--cuda-graphs', action='store_true',
+                        help="from_pretrained's cuda_graphs=True, not compiling (--compile-mode is ignored)")
     parser.add_argument('--half-cache', action='store_true', help='half-precision weights copied into the cache dir')
     parser.add_argument('--device', choices=('cuda', 'cpu'), default='cuda')
     parser.add_argument('--steps', type=int, default=50, help='DDIM steps of each video (default: %(default)s)')
     parser.add_argument('--size', choices=('full', 'tiny'), default='full', help='of a model written if missing')
     args = parser.parse_args()
+    if args.cuda_graphs and args.compile_cache:
+        parser.error('--cuda-graphs does not compile: it cannot go with --compile-cache')
     if not os.path.exists(os.path.join(args.model_dir, 'configuration.json')):
         write_model_dir(args.model_dir, FULL if args.size == 'full' else TINY)
     cache = args.cache_dir or tempfile.mkdtemp(prefix='t2v-compile-cache-')
     shutil.rmtree(cache, ignore_errors=True)
-    options = {'compile_cache': args.compile_cache, 'half_cache': os.path.join(cache, 'half') if args.half_cache
+    options = {'compile': False if args.cuda_graphs else args.compile_mode, 'compile_cache': args.compile_cache,
+               'cuda_graphs': args.cuda_graphs, 'half_cache': os.path.join(cache, 'half') if args.half_cache
                else False}
     rows = []
     for i in range(args.processes):
         rows.append({'process': i + 1, 'caches': 'cold' if i == 0 else 'warm',
-                     **run_process(args.model_dir, args.compile_mode, cache, options, args.device, args.steps)})
+                     **run_process(args.model_dir, cache, options, args.device, args.steps)})
         print(json.dumps(rows[-1]), flush=True)
     import torch
     with open(args.out, 'w') as f:
         device = torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'
         json.dump({'device': device, 'torch': torch.__version__,
-                   'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), 'compile_mode': args.compile_mode,
-                   'options': options,
+                   'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), 'options': options,
                    'command': ' '.join(['python bench/startup.py'] + sys.argv[1:]), 'rows': rows}, f, indent=2)
 
 

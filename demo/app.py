@@ -66,14 +66,14 @@ def warm_up(pipe, thread: GenerationThread) -> None:
 
 
 def load_pipeline(model: str, hub: str = 'huggingface', device: str = 'gpu', base_model: str | None = None,
-                  compile: str | bool = False, compile_cache: bool = False):
+                  compile: str | bool = False, compile_cache: bool = False, cuda_graphs: bool = False):
     """The ModelScope text-to-video pipeline over a local model dir or a hub id (downloaded once), in either
     layout; `base_model` supplies what a partial original-format folder lacks; `compile` a torch.compile mode,
-    `compile_cache` TextToVideo.from_pretrained's."""
+    `compile_cache` and `cuda_graphs` TextToVideo.from_pretrained's."""
     from modelscope.pipelines import pipeline
     base = resolve_model_dir(base_model, hub) if base_model else None
     return pipeline('text-to-video-synthesis', resolve_model_dir(model, hub), device=device, base_model=base,
-                    compile_unet=compile, compile_cache=compile_cache)
+                    compile_unet=compile, compile_cache=compile_cache, cuda_graphs=cuda_graphs)
 
 
 def build_demo(pipe, queue_size: int = QUEUE_SIZE, thread: GenerationThread | None = None) -> gr.Blocks:
@@ -162,14 +162,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--compile-cache', action='store_true',
                         help='--compile, keeping the compiled networks on disk: a restart loads them instead of '
                              'compiling again (TextToVideo.from_pretrained compile_cache=True)')
+    parser.add_argument('--cuda-graphs', action='store_true',
+                        help='without compiling, replay the networks from CUDA graphs of their own kernels, '
+                             'captured on the first request of each shape (seconds); not with --compile')
     args = parser.parse_args(argv)
     args.compile = args.compile or args.compile_cache
+    if args.compile and args.cuda_graphs:
+        parser.error('--cuda-graphs replays the uncompiled networks: it cannot go with --compile or --compile-cache')
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    pipe = load_pipeline(args.model, args.hub, args.device, args.base_model, compile_mode(args), args.compile_cache)
+    pipe = load_pipeline(args.model, args.hub, args.device, args.base_model, compile_mode(args), args.compile_cache,
+                         args.cuda_graphs)
     thread = GenerationThread()
     if args.compile and pipe.model.engine.device.type == 'cuda':   # on the CPU nothing compiles
         warm_up(pipe, thread)

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import scratch, video_io
-from .cli import (add_generation_flags, add_model_flags, apply_compile_cache_flag, generation_options, guarded,
+from .cli import (add_generation_flags, add_model_flags, apply_compile_flags, generation_options, guarded,
                   load_pipeline, resolve_models)
 from .model_folder import open_folder
 from .request import GenerationRequest, parse_request
@@ -407,7 +407,7 @@ def report_failure(item: Item, error: Exception, counts: dict) -> None:
 def run_batch(argv) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    apply_compile_cache_flag(parser, args)
+    apply_compile_flags(parser, args)
     ranks = init_ranks()
     try:
         return _run(args, ranks)

@@ -24,12 +24,18 @@ COMPILE_HELP = ('torch.compile the networks on CUDA: about 3 min on the first vi
                 '3.7 s (docs/benchmarks.md). Ignored on the CPU')
 
 
-def apply_compile_cache_flag(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--compile-cache compiles (it keeps what compiling makes); with --no-compile it has nothing to keep."""
+def apply_compile_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--compile-cache compiles (it keeps what compiling makes); with --no-compile it has nothing to keep.
+    --cuda-graphs replays the uncompiled networks: it rules compiling out, and goes with neither."""
     if args.compile_cache:
         if args.compile is False:
             parser.error('--compile-cache keeps compiled networks: it cannot go with --no-compile')
         args.compile = True
+    if args.cuda_graphs:
+        if args.compile:
+            parser.error('--cuda-graphs replays the uncompiled networks: it cannot go with --compile or '
+                         '--compile-cache (--compile-mode reduce-overhead gives compiled networks CUDA graphs)')
+        args.compile = False
 
 
 def compile_mode(args: argparse.Namespace):
@@ -60,6 +66,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                             '($TORCHINDUCTOR_CACHE_DIR, default in the system temp folder), so that later runs on '
                             'this machine load them instead of compiling again (torch.compiler.precompile; a new '
                             'video size compiles once more)')
+    group.add_argument('--cuda-graphs', action='store_true',
+                       help='without compiling, replay the networks from CUDA graphs of their own kernels, '
+                            'captured on the first video of each size (seconds); not with --compile. Ignored on '
+                            'the CPU')
     group.add_argument('--low-memory', action='store_true',
                        help='keep the text encoder and autoencoder on the CPU between uses; decode frame by frame')
     group.add_argument('--half-cache', action='store_true',
@@ -166,8 +176,12 @@ def load_pipeline(args: argparse.Namespace):
                 else 'once per process')
         print(f'modelscope-t2v: compiling the networks ({args.compile_mode}): the first video takes minutes, {once}',
               file=sys.stderr)
+    if args.cuda_graphs and torch_device(args.device).type == 'cuda':
+        print('modelscope-t2v: replaying the networks from CUDA graphs, captured on the first video of each size',
+              file=sys.stderr)
     options = {'compile_unet': compile_mode(args), 'compile_cache': args.compile_cache,
-               'low_memory': args.low_memory, 'half_cache': args.half_cache, 'base_model': base_model}
+               'cuda_graphs': args.cuda_graphs, 'low_memory': args.low_memory, 'half_cache': args.half_cache,
+               'base_model': base_model}
     pipe = pipeline('text-to-video-synthesis', model_dir, device=args.device, **options)
     stop_if_interrupted()   # ModelScope's building imports modules too
     return pipe
@@ -176,7 +190,7 @@ def load_pipeline(args: argparse.Namespace):
 def run_generate(argv) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    apply_compile_cache_flag(parser, args)
+    apply_compile_flags(parser, args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format='%(message)s')
     if not args.verbose:
         logging.getLogger('modelscope').setLevel(logging.ERROR)  # its start-up chatter
@@ -210,7 +224,8 @@ def run_upscale(args: argparse.Namespace, options: dict, strength) -> tuple:
     device = torch_device(args.device)
     upscale_dir = resolve_model_dir(args.upscale_with, args.hub, device.type == 'cuda')
     load = {'device': device, 'compile': compile_mode(args), 'compile_cache': args.compile_cache,
-            'low_memory': args.low_memory, 'half_cache': args.half_cache, 'base_model': base_model}
+            'cuda_graphs': args.cuda_graphs, 'low_memory': args.low_memory, 'half_cache': args.half_cache,
+            'base_model': base_model}
     result = generate_and_upscale(args.prompt, model_dir, upscale_dir, strength or DEFAULT_STRENGTH, load, **options)
     return result.paths, result.parameters
 

@@ -1,11 +1,12 @@
 """Compiled networks kept on disk: a second process on the same machine skips torch.compile's tracing.
 
 from_pretrained(compile=MODE, compile_cache=True) compiles each network with torch.compiler.precompile instead of
-torch.compile. The first call of each kind (call_kind: the arguments' shapes, dtypes and strides, which are None,
-the network's trace_state()) traces the network once, non-strictly, and lowers it through inductor with MODE's
-options. The artefact (Python source and an integrity-tagged cache) goes to one file in the folder, the kernels to
-inductor's own cache. A later call of that kind, in this process or another on this machine, loads the file: no
-dynamo tracing, no guards, no lowering. Where MODE has CUDA graphs, each kind is captured once and replayed.
+torch.compile. The first call of each kind (cuda_graphs.call_kind: the arguments' shapes, dtypes and strides,
+which are None, the network's trace_state()) traces the network once, non-strictly, and lowers it through inductor
+with MODE's options. The artefact (Python source and an integrity-tagged cache) goes to one file in the folder,
+the kernels to inductor's own cache. A later call of that kind, in this process or another on this machine, loads
+the file: no dynamo tracing, no guards, no lowering. Where MODE has CUDA graphs, each kind is captured once and
+replayed (cuda_graphs.GraphedCall).
 
 A trace freezes every Python-side choice of forward. The file's name is a hash of all that can change one: the
 call's kind, the structure of the network's parameters and buffers (names, shapes, dtypes, strides), the source
@@ -22,18 +23,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import logging
 import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional
 
 import torch
 from torch import nn
 
 from . import scratch
+from .cuda_graphs import CallsByKind, frozen_call
 
 logger = logging.getLogger(__name__)
 
@@ -60,45 +61,16 @@ class CompileCache:
         network._compiled_call_impl = PrecompiledCalls(network, self.folder, options)
 
 
-def call_kind(arguments: list, state: tuple) -> tuple:
-    """What a trace of one call depends on besides its tensors' values: forward's arguments, positional, a tensor
-    by its (shape, dtype, stride, device), and the network's trace_state(). Hashable: the key of its call."""
-    return tuple(describe(value) for value in arguments) + (('state', state),)
-
-
-def describe(value) -> tuple:
-    """A call argument as its kind: a tensor by layout (its values are the artefact's input), others by value."""
-    if isinstance(value, torch.Tensor):
-        return 'tensor', tuple(value.shape), str(value.dtype), value.stride(), str(value.device)
-    if value is None or isinstance(value, (bool, int, float, str, tuple)):
-        return 'value', value
-    raise TypeError(f'a precompiled call takes tensors, None, numbers, strings and tuples; got {type(value).__name__}')
-
-
-class PrecompiledCalls:
+class PrecompiledCalls(CallsByKind):
     """A network's calls, each kind through its artefact (loaded, else built and saved) and CUDA graph."""
 
     def __init__(self, network: nn.Module, folder: str, options: dict):
-        self.network = network
+        super().__init__(network)
         self.folder = folder
         self.graphs = bool(options.get('triton.cudagraphs'))
         self.options = {key: value for key, value in options.items() if key != 'triton.cudagraphs'}
-        self.signature = inspect.signature(network.forward)
-        self.calls: Dict[tuple, Callable] = {}   # call_kind -> its call
-        self.pool = None   # one CUDA graph memory pool for the network's graphs, which never run at once
         self.built = self.loaded = 0   # artefacts, for tests and logs
         self.builds = True   # False: a kind with no artefact on disk runs eager (TextToVideo.stop_compiling)
-
-    def __call__(self, *args, **kwargs):
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        arguments = list(bound.arguments.values())
-        tensors = [value for value in arguments if isinstance(value, torch.Tensor)]
-        kind = call_kind(arguments, getattr(self.network, 'trace_state', tuple)())
-        call = self.calls.get(kind)
-        if call is None:
-            call = self.calls[kind] = self.prepare(kind, arguments, tensors)
-        return call(*tensors)
 
     def prepare(self, kind: tuple, arguments: list, tensors: List[torch.Tensor]) -> Callable:
         """The call of this kind: the artefact run directly, or replayed from a CUDA graph of it."""
@@ -109,12 +81,8 @@ class PrecompiledCalls:
             call = frozen_call(arguments)
             return lambda *inputs: call(self.network, *inputs)
         run = run or self.build(path, arguments)
-        if self.graphs and tensors and tensors[0].is_cuda:
-            try:
-                return GraphedCall(lambda *inputs: run(self.network, *inputs), tensors, self)
-            except RuntimeError as error:   # what the capture refuses runs as it is, a little slower
-                logger.warning('compile cache: %s runs without a CUDA graph: its capture failed (%s)', path, error)
-        return lambda *inputs: run(self.network, *inputs)
+        precompiled = lambda *inputs: run(self.network, *inputs)  # noqa: E731
+        return self.graphed(precompiled, tensors, f'compile cache: {path}') if self.graphs else precompiled
 
     def load(self, path: str) -> Optional[Callable]:
         """The artefact saved at `path`, or None when there is none or it cannot be read (then rebuilt)."""
@@ -146,20 +114,6 @@ class PrecompiledCalls:
             return torch.compiler.precompile.load(code, cache)
 
 
-def frozen_call(arguments: list) -> Callable:
-    """call(network, *tensors): network.forward with these arguments, the tensors in place of theirs (in order),
-    without autograd. What precompile traces: the other arguments are frozen in the trace."""
-    positions = [i for i, value in enumerate(arguments) if isinstance(value, torch.Tensor)]
-
-    def call(network, *tensors):
-        filled = list(arguments)
-        for i, tensor in zip(positions, tensors):
-            filled[i] = tensor
-        with torch.no_grad():
-            return network.forward(*filled)
-    return call
-
-
 @contextlib.contextmanager
 def own_code_loading():
     """Inside: torch.compiler.precompile.load without its warning that the code it executes is untrusted input.
@@ -174,52 +128,6 @@ def own_code_loading():
 
 def drop_untrusted_code_warning(record: logging.LogRecord) -> bool:
     return 'untrusted executable input' not in record.getMessage()
-
-
-class GraphedCall:
-    """One kind of call captured in a CUDA graph over static copies of its inputs and replayed. The output is
-    the graph's, overwritten by the next replay (as with torch.compile's CUDA graphs). Captured again when a
-    buffer of the network has been replaced since."""
-
-    def __init__(self, run: Callable, tensors: List[torch.Tensor], owner: PrecompiledCalls):
-        self.run, self.owner = run, owner
-        self.inputs = [tensor.clone() for tensor in tensors]   # clone keeps the strides the artefact was made for
-        self.buffers = buffer_places(owner.network)
-        self.capture()
-
-    def capture(self) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):   # warm-up off the capture: the library handles and workspaces it makes
-            for _ in range(2):
-                self.run(*self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        if self.owner.pool is None:
-            self.owner.pool = torch.cuda.graph_pool_handle()
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local, as torch.compile's CUDA graphs: another thread's CUDA calls do not break this capture
-        with torch.cuda.graph(self.graph, pool=self.owner.pool, capture_error_mode='thread_local'):
-            self.output = self.run(*self.inputs)
-        self.addresses = buffer_addresses(self.buffers)
-
-    def __call__(self, *tensors):
-        if buffer_addresses(self.buffers) != self.addresses:
-            self.capture()
-        for static, tensor in zip(self.inputs, tensors):
-            static.copy_(tensor)
-        self.graph.replay()
-        return self.output
-
-
-def buffer_places(network: nn.Module) -> List[Tuple[nn.Module, str]]:
-    """(module, name) of every buffer of the network: where a replaced buffer would be found."""
-    return [(module, name) for module in network.modules() for name in module._buffers]
-
-
-def buffer_addresses(places: List[Tuple[nn.Module, str]]) -> tuple:
-    """The data pointers of those buffers now (0 for an unset one)."""
-    return tuple(0 if buffer is None else buffer.data_ptr()
-                 for buffer in (module._buffers[name] for module, name in places))
 
 
 def artefact_name(network: nn.Module, kind: tuple, options: dict) -> str:

@@ -46,6 +46,8 @@ BUILTIN_MODULES = ('modelscope.models.multi_modal.video_synthesis.text_to_video_
 
 
 DEVICE_NAMES = ('cpu', 'gpu', 'cuda', 'gpu:N', 'cuda:N')
+# pipeline()'s keyword arguments that build the engine (TextToVideo.from_pretrained's, compile_unet its compile)
+ENGINE_OPTIONS = ('compile_unet', 'compile_cache', 'cuda_graphs', 'low_memory')
 
 
 def torch_device(name) -> torch.device:
@@ -78,12 +80,14 @@ class TextToVideoModel(Model):
         self.engine = engine or TextToVideo.from_pretrained(
             model_dir, device=torch_device(kwargs.get('device')), compile=kwargs.get('compile_unet', False),
             low_memory=kwargs.get('low_memory', False), half_cache=kwargs.get('half_cache', False),
-            base_model=base_model, compile_cache=kwargs.get('compile_cache', False))
+            base_model=base_model, compile_cache=kwargs.get('compile_cache', False),
+            cuda_graphs=kwargs.get('cuda_graphs', False))
 
     @classmethod
     def from_builtin(cls, builtin: Model, device: str = 'gpu', **kwargs) -> 'TextToVideoModel':
         """ModelScope's own TextToVideoSynthesis served here: our networks over its tensors (strictly
-        loaded, no file read again); `kwargs` as pipeline()'s (compile_unet, compile_cache, low_memory)."""
+        loaded, no file read again); `kwargs` as pipeline()'s (compile_unet, compile_cache, cuda_graphs,
+        low_memory)."""
         name = type(builtin).__name__
         if not all(hasattr(builtin, part) for part in ('sd_model', 'autoencoder', 'clip_encoder', 'model_dir')):
             raise TypeError(f'model must be a TextToVideoModel or ModelScope\'s TextToVideoSynthesis, not {name}')
@@ -96,7 +100,8 @@ class TextToVideoModel(Model):
         engine = TextToVideo.from_networks(config, networks, model_dir=builtin.model_dir,
                                            device=torch_device(device), compile=kwargs.get('compile_unet', False),
                                            low_memory=kwargs.get('low_memory', False),
-                                           compile_cache=kwargs.get('compile_cache', False))
+                                           compile_cache=kwargs.get('compile_cache', False),
+                                           cuda_graphs=kwargs.get('cuda_graphs', False))
         return cls(builtin.model_dir, engine=engine, device=device)
 
     def forward(self, request) -> GenerationResult:
@@ -124,7 +129,7 @@ class TextToVideoPipeline(Pipeline):
             model = TextToVideoModel(model, **{**kwargs, 'device': kwargs.get('device', 'gpu')})
         super().__init__(model=model, preprocessor=preprocessor, **kwargs)
         if not isinstance(self.model, TextToVideoModel):   # built by ModelScope's own class
-            options = {k: v for k, v in kwargs.items() if k in ('compile_unet', 'compile_cache', 'low_memory')}
+            options = {k: v for k, v in kwargs.items() if k in ENGINE_OPTIONS}
             self.model = TextToVideoModel.from_builtin(self.model, self.device_name, **options)
             self.models = [self.model]
         if not isinstance(self.preprocessor, TextToVideoPreprocessor):

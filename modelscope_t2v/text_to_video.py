@@ -23,6 +23,7 @@ from einops import rearrange
 from . import config as config_lib
 from . import model_folder, tokenizer, video_io
 from .compile_cache import CompileCache, PrecompiledCalls
+from .cuda_graphs import capture_calls
 from .half_cache import HALF_DTYPES, load_networks_cached
 from .lora.apply import LoraStack
 from .lora.formats import LoraWeights, read_lora
@@ -82,7 +83,8 @@ class TextToVideo:
     @classmethod
     def from_pretrained(cls, model_dir: str, device=None, dtype=None, compile: bool | str = False,
                         low_memory: bool = False, half_cache: bool | str = False,
-                        base_model: str | None = None, compile_cache: bool | str = False) -> 'TextToVideo':
+                        base_model: str | None = None, compile_cache: bool | str = False,
+                        cuda_graphs: bool = False) -> 'TextToVideo':
         """Build the networks of `model_dir` from its files (strictly) onto the device.
 
         model_dir: a folder in the original layout or diffusers' (model_folder.py).
@@ -93,6 +95,9 @@ class TextToVideo:
         compile_cache: True or a folder: keep what compiling makes on disk, so that a
             later process on this machine loads it instead of tracing the networks
             again (compile_cache.py; True: in inductor's cache folder).
+        cuda_graphs: on CUDA, without compile, replay each network's eager kernels
+            from CUDA graphs (capture_graphs): seconds of capture instead of
+            minutes of compiling, and no waiting for the host's kernel launches.
         low_memory: keep the text encoder and autoencoder on the CPU between their
             uses and decode one frame at a time (docs/benchmarks.md: peak memory).
         half_cache: True or a folder: read the weights from a float16/bfloat16
@@ -100,8 +105,7 @@ class TextToVideo:
         base_model: a folder with the original files that a partial original-format
             model_dir lacks (zeroscope's zs2_576w/ has no autoencoder).
         """
-        compile_mode(compile)   # bad values are refused before loading
-        check_compile_cache(compile_cache)
+        check_compile_options(compile, compile_cache, cuda_graphs)   # bad values are refused before loading
         device, dtype = default_device_and_dtype(device, dtype)
         folder = model_folder.open_folder(model_dir, base_model, half=dtype in HALF_DTYPES)
         if half_cache and dtype in HALF_DTYPES:
@@ -112,18 +116,19 @@ class TextToVideo:
                 logger.warning('half_cache ignored: it holds float16/bfloat16 weights, and this run is %s', dtype)
             networks = model_folder.load_networks(folder)
         return cls.from_networks(folder.config, networks, model_dir, device, dtype, compile, low_memory,
-                                 compile_cache)
+                                 compile_cache, cuda_graphs)
 
     @classmethod
     def from_networks(cls, config: config_lib.ModelConfig, networks, model_dir: str = '', device=None,
                       dtype=None, compile: bool | str = False, low_memory: bool = False,
-                      compile_cache: bool | str = False) -> 'TextToVideo':
+                      compile_cache: bool | str = False, cuda_graphs: bool = False) -> 'TextToVideo':
         """An engine over (text encoder, UNet, autoencoder) already built; options as from_pretrained's."""
-        mode = compile_mode(compile)
-        check_compile_cache(compile_cache)
+        check_compile_options(compile, compile_cache, cuda_graphs)
         engine = cls(config, *networks, model_dir=model_dir, device=device, dtype=dtype, low_memory=low_memory)
-        if mode and engine.device.type == 'cuda':
-            engine.compile_networks(mode, compile_cache)
+        if engine.device.type == 'cuda' and compile_mode(compile):
+            engine.compile_networks(compile_mode(compile), compile_cache)
+        elif engine.device.type == 'cuda' and cuda_graphs:
+            engine.capture_graphs()
         return engine
 
     def compile_networks(self, mode: str, compile_cache: bool | str = False) -> None:
@@ -146,6 +151,15 @@ class TextToVideo:
         self.autoencoder.compile_decoder(decoder_options)
         if not self.low_memory:
             self.text_encoder.compile(dynamic=False, options=compile_options(mode))
+
+    def capture_graphs(self) -> None:
+        """Replay each network's calls from CUDA graphs of its eager kernels (cuda_graphs.capture_calls), in place:
+        the UNet, and unless low_memory (whose weights move between uses) the text encoder and the decoder. Each
+        kind of call is captured at its first call; the frames are eager's."""
+        capture_calls(self.unet)
+        if not self.low_memory:
+            capture_calls(self.text_encoder)
+            self.autoencoder.replay_decoder(capture_calls)
 
     def stop_compiling(self) -> None:
         """From now on a call of a new kind (another video size, guidance off) runs eager rather than compiling
@@ -522,6 +536,17 @@ def compile_mode(compile) -> Optional[str]:
         raise ValueError(f'compile={compile!r} is not a torch.compile mode: '
                          f'choose False, True or one of {COMPILE_MODES}')
     return compile
+
+
+def check_compile_options(compile, compile_cache, cuda_graphs) -> None:
+    """from_pretrained's compile (compile_mode), compile_cache and cuda_graphs, which goes without compile."""
+    compile_mode(compile)
+    check_compile_cache(compile_cache)
+    if not isinstance(cuda_graphs, bool):
+        raise TypeError(f'cuda_graphs={cuda_graphs!r} is not True or False')
+    if cuda_graphs and compile_mode(compile):
+        raise ValueError(f"cuda_graphs=True replays the uncompiled networks: pass it without compile (given "
+                         f"compile={compile!r}); compile='reduce-overhead' gives compiled networks CUDA graphs")
 
 
 def check_compile_cache(compile_cache) -> None:

@@ -104,10 +104,10 @@ def test_compile_flag_defaults_to_cuda_graphs(flags, mode):
 
 @pytest.mark.parametrize('flags', [['--compile-cache'], ['--compile', '--compile-cache']])
 def test_compile_cache_flag_compiles(flags):
-    from modelscope_t2v.cli import apply_compile_cache_flag, build_parser, compile_mode
+    from modelscope_t2v.cli import apply_compile_flags, build_parser, compile_mode
     parser = build_parser()
     args = parser.parse_args([*flags, 'a kite'])
-    apply_compile_cache_flag(parser, args)
+    apply_compile_flags(parser, args)
     assert (args.compile, args.compile_cache, compile_mode(args)) == (True, True, 'reduce-overhead')
 
 
@@ -115,6 +115,25 @@ def test_compile_cache_without_compiling_is_a_user_error():
     result = run_cli('a kite', '--no-compile', '--compile-cache', '--device', 'cpu')
     assert result.returncode == 2
     assert result.stderr.endswith('error: --compile-cache keeps compiled networks: it cannot go with --no-compile\n')
+
+
+def test_cuda_graphs_flag_rules_compiling_out():
+    """--cuda-graphs replays the uncompiled networks: no compiling (a batch job then never compiles by itself),
+    and pipeline()'s cuda_graphs=True."""
+    from modelscope_t2v.cli import apply_compile_flags, build_parser, compile_mode
+    parser = build_parser()
+    args = parser.parse_args(['--cuda-graphs', 'a kite'])
+    apply_compile_flags(parser, args)
+    assert (args.compile, args.cuda_graphs, compile_mode(args)) == (False, True, False)
+
+
+@pytest.mark.parametrize('flag', ['--compile', '--compile-cache'])
+def test_cuda_graphs_with_compiling_is_a_user_error(flag):
+    result = run_cli('a kite', flag, '--cuda-graphs', '--device', 'cpu')
+    assert result.returncode == 2
+    assert result.stderr.endswith('error: --cuda-graphs replays the uncompiled networks: it cannot go with --compile '
+                                  'or --compile-cache (--compile-mode reduce-overhead gives compiled networks CUDA '
+                                  'graphs)\n')
 
 
 def test_compile_mode_refuses_a_mode_torch_compile_lacks():

@@ -259,8 +259,17 @@ def test_warm_up_makes_a_default_video_on_the_generation_thread_then_stops_compi
     assert 'compiling the networks' in capsys.readouterr().err
 
 
-@pytest.mark.parametrize('flags, compiles, cache', [([], False, False), (['--compile'], True, False),
-                                                    (['--compile-cache'], True, True)])
-def test_compile_cache_flag_compiles(flags, compiles, cache):
+@pytest.mark.parametrize('flags, compiles, cache, graphs', [
+    ([], False, False, False), (['--compile'], True, False, False), (['--compile-cache'], True, True, False),
+    (['--cuda-graphs'], False, False, True)])
+def test_compile_flags(flags, compiles, cache, graphs):
     args = _load_app().parse_args(flags)
-    assert (args.compile, args.compile_cache) == (compiles, cache)
+    assert (args.compile, args.compile_cache, args.cuda_graphs) == (compiles, cache, graphs)
+
+
+def test_cuda_graphs_with_compiling_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _load_app().parse_args(['--compile', '--cuda-graphs'])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.endswith('error: --cuda-graphs replays the uncompiled networks: it cannot go '
+                                            'with --compile or --compile-cache\n')

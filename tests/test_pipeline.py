@@ -103,11 +103,11 @@ def test_a_call_with_a_lora_changes_only_that_call(original_pipe, tmp_path):
 
 
 def test_compile_options_reach_the_engine(tiny_model_dir, monkeypatch, tmp_path):
-    """pipeline()'s compile_unet and compile_cache reach TextToVideo.from_pretrained."""
+    """pipeline()'s compile_unet, compile_cache and cuda_graphs reach TextToVideo.from_pretrained."""
     from modelscope_t2v import text_to_video
     seen = []
-    monkeypatch.setattr(text_to_video, 'check_compile_cache', seen.append)
-    monkeypatch.setattr(text_to_video, 'compile_mode', lambda compile: seen.append(compile))
+    monkeypatch.setattr(text_to_video, 'check_compile_options', lambda *options: seen.append(options))
     pipeline('text-to-video-synthesis', tiny_model_dir, device='cpu', compile_unet='default',
              compile_cache=str(tmp_path))
-    assert set(seen) == {'default', str(tmp_path)}
+    pipeline('text-to-video-synthesis', tiny_model_dir, device='cpu', cuda_graphs=True)
+    assert seen == [('default', str(tmp_path), False)] * 2 + [(False, False, True)] * 2   # from_pretrained, from_networks

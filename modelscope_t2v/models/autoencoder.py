@@ -238,6 +238,13 @@ class AutoencoderKL(nn.Module):
         self.copies_decoder_output = graphs
         return self
 
+    def replay_decoder(self, capture) -> 'AutoencoderKL':
+        """Decode through the CUDA graphs that `capture(decoder)` installs in place (cuda_graphs.capture_calls):
+        the eager kernels, layout and values; each decode's output is copied out of its graph."""
+        capture(self.decoder)
+        self.copies_decoder_output = True
+        return self
+
     def decode_video(self, latents: torch.Tensor, chunk_frames: int | None = None) -> torch.Tensor:
         """Scaled latents (b, c, f, h, w) -> pixels (b, 3, f, H, W), `chunk_frames` per pass."""
         if chunk_frames is not None and chunk_frames < 1:

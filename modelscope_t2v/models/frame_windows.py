@@ -26,9 +26,10 @@ def window_starts(frames: int, window: int, stride: int) -> List[int]:
     return starts
 
 
-def window_weights(window: int) -> torch.Tensor:
-    """(window,) weights of a window's frames: 1, 2, .., rising to the middle and falling again."""
-    half = torch.arange(1, (window + 1) // 2 + 1, dtype=torch.float32)
+def window_weights(window: int, device=None) -> torch.Tensor:
+    """(window,) weights of a window's frames: 1, 2, .., rising to the middle and falling again. Made on `device`:
+    a copy from the host would wait for the GPU, which a CUDA graph's capture refuses (cuda_graphs.py)."""
+    half = torch.arange(1, (window + 1) // 2 + 1, dtype=torch.float32, device=device)
     return torch.cat([half, half.flip(0)[window % 2:]])
 
 
@@ -39,7 +40,7 @@ def windowed(attend: Attend, window: int, stride: int) -> Attend:
         frames = q.shape[1]
         if window >= frames:
             return attend(q, k, v)
-        weights = window_weights(window).to(q.device, q.dtype).view(1, window, 1, 1)
+        weights = window_weights(window, q.device).to(q.dtype).view(1, window, 1, 1)
         out = torch.zeros_like(q)
         total = torch.zeros(1, frames, 1, 1, device=q.device, dtype=q.dtype)
         for s in window_starts(frames, window, stride):
