@@ -245,15 +245,18 @@ class TextToVideo:
         embedding (a T2V-Turbo LoRA brings one) gets `scale` as w, one per video, at every call: T2V-Turbo's
         pipeline passes its guidance_scale itself (diffusers' LCM pipelines pass guidance_scale - 1)."""
         self.unet.remember_text(context if uncond is None else torch.cat([uncond, context]))
-        cfg_scale = scale if uncond is not None else 1.0   # few-step samplers: no second text, scale or not
-        if self.unet.time_cond_proj is None:
-            return guided(self.unet, cfg_scale)
-        w = torch.full((context.shape[0],), float(scale), device=self.device)
+        unet = self.unet
+        if self.unet.time_cond_proj is not None:
+            w = torch.full((context.shape[0],), float(scale), device=self.device)
 
-        def unet(x, t, context):
-            return self.unet(x, t, context, guidance=w[:x.shape[0]])
+            def unet(x, t, context):
+                return self.unet(x, t, context, guidance=w[:x.shape[0]])
 
-        return guided(unet, cfg_scale)
+        if uncond is None:   # few-step samplers: no second text, scale or not
+            # the eps is then the UNet's output itself: a CUDA graph's where the UNet is replayed (compiled, or
+            # cuda_graphs), which the next step overwrites; a scheduler that keeps it (PNDM's ets) needs a copy
+            return lambda x, t, context: unet(x, t, context).clone()
+        return guided(unet, scale)
 
     # -- LoRAs (lora/): changed under the generation lock, so never during a generation --------------
 
