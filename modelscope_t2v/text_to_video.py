@@ -125,8 +125,9 @@ class TextToVideo:
         """An engine over (text encoder, UNet, autoencoder) already built; options as from_pretrained's."""
         check_compile_options(compile, compile_cache, cuda_graphs)
         engine = cls(config, *networks, model_dir=model_dir, device=device, dtype=dtype, low_memory=low_memory)
-        if engine.device.type == 'cuda' and compile_mode(compile):
-            engine.compile_networks(compile_mode(compile), compile_cache)
+        mode = compile_mode(compile)
+        if engine.device.type == 'cuda' and mode:
+            engine.compile_networks(mode, compile_cache)
         elif engine.device.type == 'cuda' and cuda_graphs:
             engine.capture_graphs()
         return engine
