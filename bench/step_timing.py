@@ -8,7 +8,8 @@
     python bench/step_timing.py reduce-overhead --videos=2         # 2 videos a call (batched prompts)
     python bench/step_timing.py reduce-overhead --frames=24 --latents=72x40   # zeroscope 576w's shape
 
-Variants: eager, reduce-overhead (the package's compiled path, with programmatic dependent launch:
+Variants: eager, cuda-graphs (a copy of the eager UNet replayed from CUDA graphs of its own kernels, as
+from_pretrained's cuda_graphs=True: cuda_graphs.capture_calls), reduce-overhead (the package's compiled path, with programmatic dependent launch:
 on Hopper each Triton kernel starts while the one before it ends), no-pdl (without it),
 guidance-in-graph (guidance's combination of the two eps inside the compiled graph), freezing
 (inductor's freezing: weights as constants, Q/K/V products concatenated), freezing+cudnn-benchmark,
@@ -59,6 +60,7 @@ import sys
 import tempfile
 import time
 import warnings
+from copy import deepcopy
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +68,7 @@ from measure import kernel_kind, sync, timed, write_kernel_table
 
 import modelscope_t2v.models.unet3d as unet3d
 from modelscope_t2v.config import FULL, TINY
+from modelscope_t2v.cuda_graphs import capture_calls
 from modelscope_t2v.sampling import denoise, guided
 from modelscope_t2v.schedulers import make_scheduler
 from modelscope_t2v.text_to_video import compile_options
@@ -246,6 +249,13 @@ def with_fp16_accumulation(make):
 def with_cublaslt(make):
     torch.backends.cuda.preferred_blas_library('cublaslt')
     return make()
+
+
+def eager_graphs():
+    """A copy of the eager UNet (the variants after it keep the plain one) whose calls replay CUDA graphs."""
+    copy = deepcopy(unet)
+    capture_calls(copy)
+    return guided_eps(copy)
 
 
 def guided_eps(model):
@@ -439,6 +449,7 @@ def residual_copied_into_addmm():
 
 VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'eager': lambda: guided_eps(unet),
+    'cuda-graphs': eager_graphs,
     'reduce-overhead': lambda: guided_eps(compiled()),
     'no-pdl': lambda: guided_eps(compiled(**{'triton.enable_pdl': False})),
     'guidance-in-graph': lambda: torch.compile(guided_eps(unet.to_channels_last()), dynamic=False,
