@@ -246,8 +246,9 @@ class TextToVideo:
         embedding (a T2V-Turbo LoRA brings one) gets `scale` as w, one per video, at every call: T2V-Turbo's
         pipeline passes its guidance_scale itself (diffusers' LCM pipelines pass guidance_scale - 1)."""
         self.unet.remember_text(context if uncond is None else torch.cat([uncond, context]))
-        unet = self.unet
-        if self.unet.time_cond_proj is not None:
+        if self.unet.time_cond_proj is None:
+            unet = self.unet
+        else:
             w = torch.full((context.shape[0],), float(scale), device=self.device)
 
             def unet(x, t, context):
