@@ -9,7 +9,8 @@
     python bench/step_timing.py reduce-overhead --frames=24 --latents=72x40   # zeroscope 576w's shape
 
 Variants: eager, cuda-graphs (a copy of the eager UNet replayed from CUDA graphs of its own kernels, as
-from_pretrained's cuda_graphs=True: cuda_graphs.capture_calls), reduce-overhead (the package's compiled path, with programmatic dependent launch:
+from_pretrained's cuda_graphs=True: cuda_graphs.capture_calls), cuda-graphs-channels-last (that copy
+channels-last, as the compiled UNet runs), reduce-overhead (the package's compiled path, with programmatic dependent launch:
 on Hopper each Triton kernel starts while the one before it ends), no-pdl (without it),
 guidance-in-graph (guidance's combination of the two eps inside the compiled graph), freezing
 (inductor's freezing: weights as constants, Q/K/V products concatenated), freezing+cudnn-benchmark,
@@ -64,14 +65,16 @@ from copy import deepcopy
 
 import torch
 import torch.nn.functional as F
-from measure import kernel_kind, sync, timed, write_kernel_table
 
-import modelscope_t2v.models.unet3d as unet3d
-from modelscope_t2v.config import FULL, TINY
-from modelscope_t2v.cuda_graphs import capture_calls
-from modelscope_t2v.sampling import denoise, guided
-from modelscope_t2v.schedulers import make_scheduler
-from modelscope_t2v.text_to_video import compile_options
+sys.path[:0] = [os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')]
+from measure import kernel_kind, sync, timed, write_kernel_table  # noqa: E402
+
+import modelscope_t2v.models.unet3d as unet3d  # noqa: E402
+from modelscope_t2v.config import FULL, TINY  # noqa: E402
+from modelscope_t2v.cuda_graphs import capture_calls  # noqa: E402
+from modelscope_t2v.sampling import denoise, guided  # noqa: E402
+from modelscope_t2v.schedulers import make_scheduler  # noqa: E402
+from modelscope_t2v.text_to_video import compile_options  # noqa: E402
 
 torch._logging.set_logs(graph_breaks=True, recompiles=True, cudagraphs=True, perf_hints=True)
 torch._dynamo.config.cache_size_limit = 64
@@ -251,9 +254,12 @@ def with_cublaslt(make):
     return make()
 
 
-def eager_graphs():
-    """A copy of the eager UNet (the variants after it keep the plain one) whose calls replay CUDA graphs."""
+def eager_graphs(channels_last=False):
+    """A copy of the eager UNet (the variants after it keep the plain one) whose calls replay CUDA graphs;
+    with channels_last, the copy runs as the compiled path does (UNet3D.to_channels_last)."""
     copy = deepcopy(unet)
+    if channels_last:
+        copy.to_channels_last()
     capture_calls(copy)
     return guided_eps(copy)
 
@@ -450,6 +456,7 @@ def residual_copied_into_addmm():
 VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'eager': lambda: guided_eps(unet),
     'cuda-graphs': eager_graphs,
+    'cuda-graphs-channels-last': lambda: eager_graphs(channels_last=True),
     'reduce-overhead': lambda: guided_eps(compiled()),
     'no-pdl': lambda: guided_eps(compiled(**{'triton.enable_pdl': False})),
     'guidance-in-graph': lambda: torch.compile(guided_eps(unet.to_channels_last()), dynamic=False,

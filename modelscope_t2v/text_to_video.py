@@ -555,12 +555,15 @@ def check_compile_options(compile, compile_cache, cuda_graphs) -> None:
 
 
 def check_compile_cache(compile_cache) -> None:
-    """from_pretrained's compile_cache: False, True or a folder's path."""
+    """from_pretrained's compile_cache: False, True or a folder's path, where this torch can precompile."""
     if not isinstance(compile_cache, (bool, str, os.PathLike)):
         raise TypeError(f'compile_cache={compile_cache!r} is not True, False or a folder\'s path')
     if isinstance(compile_cache, (str, os.PathLike)) and os.path.exists(compile_cache) \
             and not os.path.isdir(compile_cache):
         raise ValueError(f'compile_cache={os.fspath(compile_cache)!r} is a file, not a folder')
+    if compile_cache is not False and not hasattr(torch.compiler, 'precompile'):
+        raise ValueError(f'compile_cache={compile_cache!r} needs torch.compiler.precompile, new in torch 2.14; this '
+                         f'torch is {torch.__version__}: compile without compile_cache, or upgrade torch')
 
 
 def compile_options(mode: str) -> dict:

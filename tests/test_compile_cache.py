@@ -188,6 +188,15 @@ def test_bad_compile_cache_is_refused_before_loading(tmp_path, value, error, mes
         TextToVideo.from_pretrained(str(tmp_path / 'no-model-here'), compile_cache=value)
 
 
+def test_compile_cache_on_a_torch_without_precompile_is_refused_before_loading(tmp_path, monkeypatch):
+    """torch before 2.14 (the GPU machine's 2.11) has no torch.compiler.precompile: say so, not an AttributeError
+    minutes into the first video."""
+    monkeypatch.delattr(torch.compiler, 'precompile')
+    with pytest.raises(ValueError, match=r"compile_cache=True needs torch.compiler.precompile, new in torch 2.14; "
+                                         r"this torch is 2\.\d+"):
+        TextToVideo.from_pretrained(str(tmp_path / 'no-model-here'), compile_cache=True)
+
+
 def test_after_stop_compiling_new_kinds_run_eager_and_known_ones_still_load(tiny_model_dir, tiny_engine, tmp_path,
                                                                             eager_precompile):
     """TextToVideo.stop_compiling (the demo after its warm-up): a kind with an artefact on disk loads, a new one
