@@ -162,13 +162,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--compile-cache', action='store_true',
                         help='--compile, keeping the compiled networks on disk: a restart loads them instead of '
                              'compiling again (TextToVideo.from_pretrained compile_cache=True)')
-    parser.add_argument('--cuda-graphs', action='store_true',
-                        help='without compiling, replay the networks from CUDA graphs of their own kernels, '
-                             'captured on the first request of each shape (seconds); not with --compile')
+    parser.add_argument('--cuda-graphs', action=argparse.BooleanOptionalAction, default=None,
+                        help='replay the uncompiled networks from CUDA graphs of their own kernels, captured on the '
+                             'first request of each shape (a second or so): the default without --compile '
+                             '(--no-cuda-graphs: launch each kernel from Python)')
     args = parser.parse_args(argv)
     args.compile = args.compile or args.compile_cache
     if args.compile and args.cuda_graphs:
         parser.error('--cuda-graphs replays the uncompiled networks: it cannot go with --compile or --compile-cache')
+    if args.cuda_graphs is None:
+        args.cuda_graphs = not args.compile
     return args
 
 

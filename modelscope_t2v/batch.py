@@ -60,9 +60,10 @@ EXAMPLE = ('prompts.jsonl:  {"text": "A panda eating bamboo on a rock.", "seed":
            'N GPUs:         torchrun --nproc-per-node N -m modelscope_t2v.batch prompts.jsonl --out videos')
 
 
-# Compiling pays back from about this many videos of one shape: on an H200 a cold compile takes 190 s and then
-# saves 2.4 s a default video (compiled 1.30 s against eager 3.69 s, docs/benchmarks.md); each shape compiles anew.
-COMPILE_PAYS_BACK_AFTER = 80
+# Compiling pays back from about this many videos of one shape: on an H200 its start-up (191 s cold) is 175 s
+# more than that of the uncompiled networks under CUDA graphs (16 s), and it then saves 1.07 s a default video
+# (compiled 1.30 s against 2.37 s, docs/benchmarks.md); each shape compiles anew.
+COMPILE_PAYS_BACK_AFTER = 160
 
 
 @dataclass

@@ -21,7 +21,7 @@ from .text_to_video import COMPILE_MODES, FAST_COMPILE_MODE
 
 COMPILE_HELP = ('torch.compile the networks on CUDA: about 3 min on the first video of a process, 46 s when an '
                 'earlier process left its compiler caches; then a default video takes 1.3 s on an H200 against '
-                '3.7 s (docs/benchmarks.md). Ignored on the CPU')
+                '2.4 s uncompiled under CUDA graphs (docs/benchmarks.md). Ignored on the CPU')
 
 
 def apply_compile_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -36,6 +36,11 @@ def apply_compile_flags(parser: argparse.ArgumentParser, args: argparse.Namespac
             parser.error('--cuda-graphs replays the uncompiled networks: it cannot go with --compile or '
                          '--compile-cache (--compile-mode reduce-overhead gives compiled networks CUDA graphs)')
         args.compile = False
+
+
+def replays_graphs(args: argparse.Namespace) -> bool:
+    """--cuda-graphs / --no-cuda-graphs as given; without either, whenever the networks are not compiled."""
+    return args.cuda_graphs if args.cuda_graphs is not None else not args.compile
 
 
 def compile_mode(args: argparse.Namespace):
@@ -58,7 +63,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                        help="'gpu' (CUDA when available, else CPU), 'cpu', 'cuda:1'... (default: %(default)s)")
     group.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
                        help=COMPILE_HELP + '. Without --compile or --no-compile, one video is made uncompiled (it '
-                       'would not pay back) and a batch job compiles when it has about 80 videos of one shape to make')
+                       'would not pay back) and a batch job compiles when it has about 160 videos of one shape to make')
     group.add_argument('--compile-mode', choices=COMPILE_MODES, default=FAST_COMPILE_MODE,
                        help="--compile's torch.compile mode (default: %(default)s)")
     group.add_argument('--compile-cache', action='store_true',
@@ -66,9 +71,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                             '($TORCHINDUCTOR_CACHE_DIR, default in the system temp folder), so that later runs on '
                             'this machine load them instead of compiling again (torch.compiler.precompile; a new '
                             'video size compiles once more)')
-    group.add_argument('--cuda-graphs', action='store_true',
-                       help='without compiling, replay the networks from CUDA graphs of their own kernels, '
-                            'captured on the first video of each size (seconds); not with --compile. Ignored on '
+    group.add_argument('--cuda-graphs', action=argparse.BooleanOptionalAction, default=None,
+                       help='replay the uncompiled networks from CUDA graphs of their own kernels, captured on the '
+                            'first video of each size (a second or so): the default whenever they are not compiled '
+                            '(--no-cuda-graphs: launch each kernel from Python). Not with --compile. Ignored on '
                             'the CPU')
     group.add_argument('--low-memory', action='store_true',
                        help='keep the text encoder and autoencoder on the CPU between uses; decode frame by frame')
@@ -176,11 +182,11 @@ def load_pipeline(args: argparse.Namespace):
                 else 'once per process')
         print(f'modelscope-t2v: compiling the networks ({args.compile_mode}): the first video takes minutes, {once}',
               file=sys.stderr)
-    if args.cuda_graphs and torch_device(args.device).type == 'cuda':
+    if replays_graphs(args) and torch_device(args.device).type == 'cuda':
         print('modelscope-t2v: replaying the networks from CUDA graphs, captured on the first video of each size',
               file=sys.stderr)
     options = {'compile_unet': compile_mode(args), 'compile_cache': args.compile_cache,
-               'cuda_graphs': args.cuda_graphs, 'low_memory': args.low_memory, 'half_cache': args.half_cache,
+               'cuda_graphs': replays_graphs(args), 'low_memory': args.low_memory, 'half_cache': args.half_cache,
                'base_model': base_model}
     pipe = pipeline('text-to-video-synthesis', model_dir, device=args.device, **options)
     stop_if_interrupted()   # ModelScope's building imports modules too
@@ -224,7 +230,7 @@ def run_upscale(args: argparse.Namespace, options: dict, strength) -> tuple:
     device = torch_device(args.device)
     upscale_dir = resolve_model_dir(args.upscale_with, args.hub, device.type == 'cuda')
     load = {'device': device, 'compile': compile_mode(args), 'compile_cache': args.compile_cache,
-            'cuda_graphs': args.cuda_graphs, 'low_memory': args.low_memory, 'half_cache': args.half_cache,
+            'cuda_graphs': replays_graphs(args), 'low_memory': args.low_memory, 'half_cache': args.half_cache,
             'base_model': base_model}
     result = generate_and_upscale(args.prompt, model_dir, upscale_dir, strength or DEFAULT_STRENGTH, load, **options)
     return result.paths, result.parameters

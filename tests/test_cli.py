@@ -117,6 +117,37 @@ def test_compile_cache_without_compiling_is_a_user_error():
     assert result.stderr.endswith('error: --compile-cache keeps compiled networks: it cannot go with --no-compile\n')
 
 
+@pytest.mark.parametrize('flags, graphs', [([], True), (['--no-compile'], True), (['--no-cuda-graphs'], False),
+                                           (['--compile'], False), (['--compile-cache'], False)])
+def test_uncompiled_networks_replay_cuda_graphs_by_default(flags, graphs):
+    """Without compiling, the CLI replays CUDA graphs unless --no-cuda-graphs: the same frames from the first video
+    on, 17 % faster on an H200 (docs/benchmarks.md)."""
+    from modelscope_t2v.cli import apply_compile_flags, build_parser, replays_graphs
+    parser = build_parser()
+    args = parser.parse_args([*flags, 'a kite'])
+    apply_compile_flags(parser, args)
+    assert replays_graphs(args) is graphs
+
+
+@pytest.mark.parametrize('flags, graphs, said', [
+    ([], True, 'modelscope-t2v: replaying the networks from CUDA graphs, captured on the first video of each size\n'),
+    (['--no-cuda-graphs'], False, '')])
+def test_the_pipeline_gets_cuda_graphs_and_stderr_says_so(tiny_model_dir, monkeypatch, capsys, flags, graphs, said):
+    import modelscope.pipelines
+    import torch
+    from modelscope_t2v import cli, pipeline
+    monkeypatch.setattr(pipeline, 'torch_device', lambda name: torch.device('cuda'))
+    monkeypatch.setattr(cli, 'resolve_models', lambda args: (args.model, None))
+    asked = []
+    monkeypatch.setattr(modelscope.pipelines, 'pipeline', lambda task, model, **options: asked.append(options))
+    parser = cli.build_parser()
+    args = parser.parse_args([*flags, '--model', tiny_model_dir, 'a kite'])
+    cli.apply_compile_flags(parser, args)
+    cli.load_pipeline(args)
+    assert (asked[0]['cuda_graphs'], asked[0]['compile_unet']) == (graphs, False)
+    assert capsys.readouterr().err == said
+
+
 def test_cuda_graphs_flag_rules_compiling_out():
     """--cuda-graphs replays the uncompiled networks: no compiling (a batch job then never compiles by itself),
     and pipeline()'s cuda_graphs=True."""

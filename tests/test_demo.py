@@ -260,8 +260,8 @@ def test_warm_up_makes_a_default_video_on_the_generation_thread_then_stops_compi
 
 
 @pytest.mark.parametrize('flags, compiles, cache, graphs', [
-    ([], False, False, False), (['--compile'], True, False, False), (['--compile-cache'], True, True, False),
-    (['--cuda-graphs'], False, False, True)])
+    ([], False, False, True), (['--no-cuda-graphs'], False, False, False), (['--compile'], True, False, False),
+    (['--compile-cache'], True, True, False), (['--cuda-graphs'], False, False, True)])
 def test_compile_flags(flags, compiles, cache, graphs):
     args = _load_app().parse_args(flags)
     assert (args.compile, args.compile_cache, args.cuda_graphs) == (compiles, cache, graphs)
