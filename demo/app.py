@@ -182,6 +182,9 @@ def main(argv=None) -> None:
     thread = GenerationThread()
     if args.compile and pipe.model.engine.device.type == 'cuda':   # on the CPU nothing compiles
         warm_up(pipe, thread)
+    elif args.cuda_graphs and pipe.model.engine.device.type == 'cuda':
+        print('demo: replaying the networks from CUDA graphs, captured on the first request of each shape',
+              file=sys.stderr, flush=True)
     build_demo(pipe, args.queue_size, thread).launch(server_name=args.host, server_port=args.port)
 
 

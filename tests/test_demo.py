@@ -273,3 +273,19 @@ def test_cuda_graphs_with_compiling_is_refused(capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.endswith('error: --cuda-graphs replays the uncompiled networks: it cannot go '
                                             'with --compile or --compile-cache\n')
+
+
+@pytest.mark.parametrize('flags, graphs, said', [
+    ([], True, 'demo: replaying the networks from CUDA graphs, captured on the first request of each shape\n'),
+    (['--no-cuda-graphs'], False, '')])
+def test_main_loads_with_cuda_graphs_unless_told_not_and_says_so(monkeypatch, capsys, flags, graphs, said):
+    from types import SimpleNamespace
+    import torch
+    app = _load_app()
+    loaded = []
+    pipe = SimpleNamespace(model=SimpleNamespace(engine=SimpleNamespace(device=torch.device('cuda'))))
+    monkeypatch.setattr(app, 'load_pipeline', lambda *args: loaded.append(args) or pipe)
+    monkeypatch.setattr(app, 'build_demo', lambda *args: SimpleNamespace(launch=lambda **where: None))
+    app.main(flags)
+    assert loaded[0][-3:] == (False, False, graphs)   # compile, compile_cache, cuda_graphs
+    assert capsys.readouterr().err == said
