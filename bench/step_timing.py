@@ -10,8 +10,8 @@
 
 Variants: eager, cuda-graphs (a copy of the eager UNet replayed from CUDA graphs of its own kernels, as
 from_pretrained's cuda_graphs=True: cuda_graphs.capture_calls), cuda-graphs-channels-last (that copy
-channels-last, as the compiled UNet runs), reduce-overhead (the package's compiled path, with programmatic dependent launch:
-on Hopper each Triton kernel starts while the one before it ends), no-pdl (without it),
+channels-last, as the compiled UNet runs), reduce-overhead (the package's compiled path, with programmatic
+dependent launch: on Hopper each Triton kernel starts while the one before it ends), no-pdl (without it),
 guidance-in-graph (guidance's combination of the two eps inside the compiled graph), freezing
 (inductor's freezing: weights as constants, Q/K/V products concatenated), freezing+cudnn-benchmark,
 cudnn-benchmark (cuDNN times its algorithms for each convolution), combo-kernels (inductor launches
