@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import gradio as gr
 
 from modelscope_t2v import NonFiniteError  # importing the package registers the pipeline in ModelScope
-from modelscope_t2v.cli import COMPILE_HELP, compile_mode
+from modelscope_t2v.cli import COMPILE_HELP, compile_mode, replays_graphs
 from modelscope_t2v.hub import DEFAULT_MODEL, HUBS, resolve_model_dir
 from modelscope_t2v.text_to_video import COMPILE_MODES, FAST_COMPILE_MODE
 from modelscope_t2v.schedulers import SAMPLERS
@@ -170,8 +170,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.compile = args.compile or args.compile_cache
     if args.compile and args.cuda_graphs:
         parser.error('--cuda-graphs replays the uncompiled networks: it cannot go with --compile or --compile-cache')
-    if args.cuda_graphs is None:
-        args.cuda_graphs = not args.compile
+    args.cuda_graphs = replays_graphs(args)
     return args
 
 

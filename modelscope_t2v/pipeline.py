@@ -50,6 +50,12 @@ DEVICE_NAMES = ('cpu', 'gpu', 'cuda', 'gpu:N', 'cuda:N')
 ENGINE_OPTIONS = ('compile_unet', 'compile_cache', 'cuda_graphs', 'low_memory')
 
 
+def engine_options(kwargs: dict) -> dict:
+    """TextToVideo.from_pretrained's and from_networks's options from pipeline()'s ENGINE_OPTIONS."""
+    return {'compile': kwargs.get('compile_unet', False), 'compile_cache': kwargs.get('compile_cache', False),
+            'cuda_graphs': kwargs.get('cuda_graphs', False), 'low_memory': kwargs.get('low_memory', False)}
+
+
 def torch_device(name) -> torch.device:
     """ModelScope's device names ('gpu', 'gpu:1', 'cuda:0', 'cpu'; any case) -> a torch device; ValueError
     for any other name, or a GPU index this machine lacks."""
@@ -78,10 +84,8 @@ class TextToVideoModel(Model):
             from .hub import resolve_model_dir
             base_model = resolve_model_dir(base_model)
         self.engine = engine or TextToVideo.from_pretrained(
-            model_dir, device=torch_device(kwargs.get('device')), compile=kwargs.get('compile_unet', False),
-            low_memory=kwargs.get('low_memory', False), half_cache=kwargs.get('half_cache', False),
-            base_model=base_model, compile_cache=kwargs.get('compile_cache', False),
-            cuda_graphs=kwargs.get('cuda_graphs', False))
+            model_dir, device=torch_device(kwargs.get('device')), half_cache=kwargs.get('half_cache', False),
+            base_model=base_model, **engine_options(kwargs))
 
     @classmethod
     def from_builtin(cls, builtin: Model, device: str = 'gpu', **kwargs) -> 'TextToVideoModel':
@@ -98,10 +102,7 @@ class TextToVideoModel(Model):
             config, text, builtin.sd_model.state_dict(), builtin.autoencoder.state_dict(),
             sources=(f'{name}.clip_encoder', f'{name}.sd_model', f'{name}.autoencoder'))
         engine = TextToVideo.from_networks(config, networks, model_dir=builtin.model_dir,
-                                           device=torch_device(device), compile=kwargs.get('compile_unet', False),
-                                           low_memory=kwargs.get('low_memory', False),
-                                           compile_cache=kwargs.get('compile_cache', False),
-                                           cuda_graphs=kwargs.get('cuda_graphs', False))
+                                           device=torch_device(device), **engine_options(kwargs))
         return cls(builtin.model_dir, engine=engine, device=device)
 
     def forward(self, request) -> GenerationResult:
