@@ -1,5 +1,8 @@
 """OpenCLIP text tower: parity with open_clip's own modules, tokenizer ids, checkpoint key shapes."""
 
+import subprocess
+import sys
+
 import open_clip
 import pytest
 import torch
@@ -47,6 +50,17 @@ def test_tokenizer_matches_open_clip():
     assert torch.equal(tokenize(['']), open_clip.tokenize(['']))
     assert torch.equal(tokenize(PROMPTS), open_clip.tokenize(PROMPTS))
     assert count_tokens('') == 2
+
+
+def test_a_process_tokenizes_without_importing_open_clips_models(tiny_model_dir):
+    """open_clip's package __init__ imports its models and torchvision; the tokenizer needs neither."""
+    script = (f'from modelscope_t2v import TextToVideo, parse_request; import sys; '
+              f'engine = TextToVideo.from_pretrained({str(tiny_model_dir)!r}, device="cpu"); '
+              f'engine(parse_request({{"text": "A panda", "seed": 1}}, engine.config, output_type="frames", '
+              f'num_inference_steps=1)); '
+              f'print(sorted(name for name in ("open_clip", "torchvision", "timm") if name in sys.modules))')
+    imported = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, check=True).stdout
+    assert imported.strip().splitlines()[-1] == '[]'
 
 
 def test_long_prompt_is_truncated():
