@@ -32,8 +32,6 @@ copies the residual to its output first, not in place), gemm-taps (each temporal
 tap columns and a frame-shifted sum, not the package's kernel), frame-conv-large (the kernel only at the
 32x32 and 16x16 levels), frame-conv-config (the kernel with the tile config of FRAME_CONV_CONFIG),
 text-at-every-step (the texts' keys and values projected at every step, not once per generation),
-shifted-sum-stats (the GroupNorm statistics from plain sums of x - s and (x - s)^2, s one value of each
-channel, not Welford's running mean),
 fp16-accumulation (cuBLAS sums its products in fp16: less work per product, less exact), cublaslt (cuBLASLt's
 choice of GEMM kernels). Each is reduce-overhead with the one change named. Then one-graph and two-graphs
 (CUDA only): guided eps, guidance included, captured by hand as one CUDA graph or as two used in turn (see
@@ -437,34 +435,6 @@ def temporal_conv_kernel(where):
     return guided_eps(compiled())
 
 
-def group_norm_shifted_sums(x, groups, weight, bias, eps):
-    """group_norm_per_channel_stats with each channel's statistics from plain sums of x - s and (x - s)^2,
-    s one value of the channel (which keeps float32's precision when the mean is far from 0), not Welford's
-    running mean (a division per element)."""
-    n, c = x.shape[:2]
-    spatial = tuple(range(2, x.dim()))
-    per_channel = (n, c) + (1,) * len(spatial)
-    shift = x[(slice(None), slice(None)) + (0,) * len(spatial)].float()             # (n, c)
-    shifted = x.float() - shift.view(per_channel)
-    mean_s, mean_sq = shifted.mean(dim=spatial), shifted.square().mean(dim=spatial)  # (n, c)
-    mean_c = (shift + mean_s).view(n, groups, -1)
-    var_c = (mean_sq - mean_s.square()).clamp_min(0).view(n, groups, -1)
-    mean = mean_c.mean(-1, keepdim=True)
-    var = var_c.mean(-1, keepdim=True) + (mean_c - mean).square().mean(-1, keepdim=True)
-    scale = torch.rsqrt(var + eps) * weight.float().view(groups, -1)
-    shift_out = bias.float().view(groups, -1) - mean * scale
-    return (x.float() * scale.view(per_channel) + shift_out.view(per_channel)).to(x.dtype)
-
-
-def shifted_sum_stats():
-    """The package's compiled path with the UNet's GroupNorm statistics from shifted plain sums
-    (group_norm_shifted_sums). Patches models.group_norm for the rest of the process: give it alone or with
-    --parallel."""
-    from modelscope_t2v.models import group_norm
-    group_norm.group_norm_per_channel_stats = group_norm_shifted_sums
-    return guided_eps(compiled())
-
-
 def residual_after_feed_forward():
     """The package's compiled path with each transformer block's last residual added after the feed-forward's
     second GEMM (F.linear, then + x), not by that GEMM (addmm with C = x + bias). Patches
@@ -515,7 +485,6 @@ VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'frame-conv-large': lambda: temporal_conv_kernel(lambda rows, taps: rows.shape[1] >= 16 * 256),
     'frame-conv-config': lambda: temporal_conv_kernel(lambda rows, taps: True),
     'addmm-copy': residual_copied_into_addmm,
-    'shifted-sum-stats': shifted_sum_stats,
     'text-at-every-step': text_at_every_step,
     'fp16-accumulation': lambda: with_fp16_accumulation(lambda: guided_eps(compiled())),
     'cublaslt': lambda: with_cublaslt(lambda: guided_eps(compiled())),
