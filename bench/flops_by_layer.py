@@ -4,8 +4,9 @@
     python bench/flops_by_layer.py --frames 24 --latents 72x40   # zeroscope 576w
 
 The meta device runs shapes only: seconds on any CPU, no weights. The total is within 0.2 % of twice
-benchmark.py's 'unet_forward' count on the GPU at the same shape (9.66 against 9.64 TFLOP at 256x256). Beside step_timing.py's kernel table, each kind's TFLOP over its
-kernels' milliseconds says how near the matmul ceiling those kernels run (docs/benchmarks.md).
+benchmark.py's 'unet_forward' count on the GPU at the same shape (9.66 against 9.64 TFLOP at 256x256).
+Beside step_timing.py's kernel table, each kind's TFLOP over its kernels' milliseconds says how near the
+matmul ceiling those kernels run (docs/benchmarks.md).
 """
 import argparse
 import os
