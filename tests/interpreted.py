@@ -26,9 +26,10 @@ def run_interpreted(code: str) -> str:
 UNET_LATENTS = {'16x8x8': (2, 4, 16, 8, 8), '24x5x9': (1, 4, 24, 5, 9)}
 
 
-def tiny_unet_kernel_vs_plain(switch: str, report: str = '', latents=UNET_LATENTS['16x8x8']) -> list:
+def tiny_unet_kernel_vs_plain(switch: str, report: str = '', latents=UNET_LATENTS['16x8x8'], setup: str = '') -> list:
     """The tiny UNet3D (float32) run plain on `latents`, then again after `switch`, one line of code that
-    routes a layer through its kernel (interpreted): [relative difference, then each `report` value]."""
+    routes a layer through its kernel (interpreted): [relative difference, then each `report` value].
+    `setup`, one line of code, runs before both (`unet` is the UNet)."""
     out = run_interpreted(f'''
         import torch
         from modelscope_t2v.config import TINY
@@ -39,6 +40,7 @@ def tiny_unet_kernel_vs_plain(switch: str, report: str = '', latents=UNET_LATENT
         x = torch.randn({tuple(latents)}, generator=g)
         context = torch.randn(x.shape[0], 77, TINY.unet.context_dim, generator=g)
         t = torch.tensor([981, 21][:x.shape[0]])
+        {setup}
         with torch.no_grad():
             plain = unet(x, t, context)
             {switch}

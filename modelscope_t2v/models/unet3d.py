@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import UNetConfig
-from .frame_attention import frame_attention
+from .frame_attention import frame_attention, frame_attention_in_windows
 from .frame_conv import frame_conv
 from .frame_windows import windowed
 from .group_norm import GroupNorm
@@ -322,7 +322,8 @@ class UNet3D(nn.Module):
         videos longer than the trained frame count; None: over all frames, as trained."""
         if (window, stride) == self.temporal_window:   # unchanged: a compiled UNet keeps its graph
             return
-        attend = frame_attention if window is None else windowed(frame_attention, window, stride)
+        attend = (frame_attention if window is None
+                  else windowed(frame_attention, window, stride, frame_attention_in_windows))
         for block in self.temporal_blocks:
             block.attn1.attend = block.attn2.attend = attend
         self.temporal_window = (window, stride)
