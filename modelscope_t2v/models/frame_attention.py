@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .frame_windows import window_scales
 from .kernel_probe import kernel_runs
 
 try:
@@ -58,14 +59,14 @@ def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
         return multi_head_sdpa(q, k, v)
 
 
-def frame_attention_in_windows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales: torch.Tensor,
+def frame_attention_in_windows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                                stride: int) -> torch.Tensor | None:
-    """Attention within windows of frames, blended: out[frame] = sum over the windows w that hold the frame of
-    scales[w, its place in w] x attention within w. q, k, v: (n, l frames, heads, d); scales: (windows,
-    window) float32 (frame_windows.window_scales); window w starts at frame min(w stride, l - window).
-    One kernel call where the kernel serves q; None elsewhere."""
-    if not kernel_serves(q, scales.shape[1]):
+    """Self-attention along frames within windows of `window` frames, `stride` apart, blended as
+    frame_windows.windowed blends them: one kernel call where the kernel serves q (n, l frames, heads, d);
+    None elsewhere."""
+    if not kernel_serves(q, window):
         return None
+    scales = window_scales(q.shape[1], window, stride, q.device)
     return torch.ops.modelscope_t2v.frame_attention_in_windows(q, k, v, scales, stride)
 
 
@@ -164,8 +165,10 @@ if triton is not None:
     @torch.library.triton_op('modelscope_t2v::frame_attention_in_windows', mutates_args=())
     def _frame_attention_in_windows_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales: torch.Tensor,
                                        stride: int) -> torch.Tensor:
-        # q, k, v: (n, l, heads, d), each with unit stride along d; scales: contiguous (windows, window) float32;
-        # out: contiguous (n, l, heads, d)
+        # q, k, v: (n, l, heads, d), each with unit stride along d; scales: contiguous (windows, window) float32,
+        # frame_windows.window_scales; window w starts at frame min(w stride, l - window); out: contiguous
+        # (n, l, heads, d), out[frame] the sum over the windows w that hold it of scales[w, its place in w] x
+        # the attention within w
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         n, length, heads, d = q.shape
         windows, window = scales.shape

@@ -6,7 +6,7 @@ weighted mean of its outputs in the windows that hold it. The weights favour a w
 triangle 1, 2, .., window/2, .., 2, 1 (diffusers' FreeNoise 'pyramid'). Memory and time then grow
 linearly in frames; with one window over all frames the attention is exactly the plain one.
 Where the attention has a form that does the windows and the blend in one call (frame_attention's
-kernel), that form serves, with each window's weights over its frames' totals (window_scales).
+kernel, which takes each window's weights over its frames' totals: window_scales), that form serves.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Callable, List, Optional
 import torch
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-# (q, k, v, scales, stride) -> the blended output, or None where it does not serve these tensors
-AttendInWindows = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], Optional[torch.Tensor]]
+# (q, k, v, window, stride) -> the blended output, or None where it does not serve these tensors
+AttendInWindows = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], Optional[torch.Tensor]]
 
 
 def window_starts(frames: int, window: int, stride: int) -> List[int]:
@@ -59,7 +59,7 @@ def windowed(attend: Attend, window: int, stride: int, in_windows: AttendInWindo
         if window >= frames:
             return attend(q, k, v)
         if in_windows is not None:
-            out = in_windows(q, k, v, window_scales(frames, window, stride, q.device), stride)
+            out = in_windows(q, k, v, window, stride)
             if out is not None:
                 return out
         weights = window_weights(window, q.device).to(q.dtype).view(1, window, 1, 1)
