@@ -191,3 +191,22 @@ def test_decoder_has_cuda_graphs_where_the_unet_has_unless_low_memory(tiny_model
     engine = TextToVideo.from_pretrained(tiny_model_dir, device='cpu', low_memory=low_memory)
     engine.compile_networks(mode)   # torch.compile wraps now and compiles at the first call: none here
     assert engine.autoencoder.copies_decoder_output == graphs
+
+
+def test_compiled_networks_reshape_without_einops():
+    """torch.compile traces einops' pattern parsing at every rearrange (models/layers.py): the UNet, plain and
+    channels-last, and the text encoder reshape with torch's view ops, so einops' recipe cache sees no call."""
+    import einops.einops
+    from modelscope_t2v.models.text_encoder import OpenCLIPTextEncoder
+    from modelscope_t2v.tokenizer import tokenize
+    recipes = einops.einops._prepare_transformation_recipe
+    plain, fast = _models()
+    text_encoder = OpenCLIPTextEncoder(TINY.text).eval()
+    calls_before = sum(recipes.cache_info()[:2])   # hits + misses
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(1, 4, 3, 8, 8, generator=g), torch.randn(1, 77, TINY.unet.context_dim, generator=g)
+    with torch.no_grad():
+        for unet in (plain, fast):
+            unet(x, torch.tensor([5]), context)
+        text_encoder(tokenize(['a panda eating bamboo']))
+    assert sum(recipes.cache_info()[:2]) == calls_before

@@ -10,7 +10,6 @@ from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from ..config import TextEncoderConfig
@@ -29,11 +28,11 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (b, n, c) -> q, k, v: (b, h, n, d)
-        q, k, v = (rearrange(p, 'b n (h d) -> b h n d', h=self.heads)
+        # x: (b, n, c) -> q, k, v: (b, h, n, d); view ops, not einops, as in the UNet (layers.py says why)
+        q, k, v = (p.unflatten(-1, (self.heads, -1)).transpose(1, 2)
                    for p in F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out_proj(rearrange(out, 'b h n d -> b n (h d)'))
+        return self.out_proj(out.transpose(1, 2).flatten(2))                           # (b, n, h d)
 
 
 class ResidualAttentionBlock(nn.Module):

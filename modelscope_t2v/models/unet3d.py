@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -22,7 +21,8 @@ from .frame_attention import frame_attention, frame_attention_in_windows
 from .frame_conv import frame_conv
 from .frame_windows import windowed
 from .group_norm import GroupNorm
-from .layers import Attention, TransformerBlock, guidance_embedding, is_plain, timestep_embedding
+from .layers import (Attention, TransformerBlock, frames_to_video, guidance_embedding, is_plain, timestep_embedding,
+                     video_to_frames)
 
 
 @dataclass
@@ -136,9 +136,7 @@ class ResBlock(nn.Module):
         # emb_layers is SiLU then Linear; cond.emb holds the SiLU already, taken once for every block
         h = self.in_layers(x) + self.emb_layers[1](cond.emb[:x.shape[0]])[:, :, None, None].to(x.dtype)
         h = self.skip_connection(x) + self.out_layers(h)
-        h = rearrange(h, '(b f) c h w -> b c f h w', f=cond.frames)
-        h = self.temopral_conv(h)
-        return rearrange(h, 'b c f h w -> (b f) c h w')
+        return video_to_frames(self.temopral_conv(frames_to_video(h, cond.frames)))
 
 
 class SpatialTransformer(nn.Module):
@@ -156,12 +154,12 @@ class SpatialTransformer(nn.Module):
         # x: ((b f), c, h, w) -> tokens ((k b f), h w, c): the text splits shared rows per text
         x = cond.per_text(x)
         h, w = x.shape[-2:]
-        tokens = rearrange(self.norm(x), 'n c h w -> n (h w) c')
+        tokens = self.norm(x).flatten(2).transpose(1, 2)                                # (n, h w, c)
         y = (linear_as_one_gemm(tokens, self.proj_in.weight, self.proj_in.bias) if is_plain(self.proj_in)
              else self.proj_in(tokens))
         for block in self.transformer_blocks:
             y = block(y, cond.context, cond.frames)
-        return x + rearrange(self.proj_out(y), 'n (h w) c -> n c h w', h=h, w=w)
+        return x + self.proj_out(y).transpose(1, 2).unflatten(2, (h, w))               # (n, c, h, w)
 
 
 class TemporalTransformer(nn.Module):
@@ -178,8 +176,7 @@ class TemporalTransformer(nn.Module):
     def forward(self, x, cond: Conditioning):
         # x: ((b f), c, h, w); GroupNorm statistics span all frames of a video
         h, w = x.shape[-2:]
-        video = rearrange(x, '(b f) c h w -> b c f h w', f=cond.frames)
-        y = rearrange(self.norm(video), 'b c f h w -> (b h w) f c')
+        y = self.norm(frames_to_video(x, cond.frames)).permute(0, 3, 4, 2, 1).flatten(0, 2)   # ((b h w), f, c)
         if is_plain(self.proj_in):
             y = linear_as_one_gemm(y, self.proj_in.weight[..., 0], self.proj_in.bias)
         else:   # a peft Conv1d LoRA layer: called on (n, c, f)
@@ -190,7 +187,7 @@ class TemporalTransformer(nn.Module):
             y = F.linear(y, self.proj_out.weight[..., 0], self.proj_out.bias)
         else:
             y = self.proj_out(y.transpose(1, 2)).transpose(1, 2)
-        return x + rearrange(y, '(b h w) f c -> (b f) c h w', h=h, w=w)
+        return x + y.unflatten(0, (-1, h, w)).permute(0, 3, 4, 1, 2).flatten(0, 1)      # ((b f), c, h, w)
 
 
 class Downsample(nn.Module):
@@ -380,7 +377,7 @@ class UNet3D(nn.Module):
         emb = self.time_embed(temb)                                                    # (b, embed_dim)
         cond = Conditioning(emb=F.silu(emb).repeat(texts, 1).repeat_interleave(frames, dim=0), context=context,
                             frames=frames)
-        h = rearrange(x, 'b c f h w -> (b f) c h w')
+        h = video_to_frames(x)
         if self.channels_last:
             h = h.contiguous(memory_format=torch.channels_last)
         skips = []
@@ -391,7 +388,7 @@ class UNet3D(nn.Module):
         for block in self.output_blocks:
             h = torch.cat([h, cond.per_text(skips.pop())], dim=1)
             h = self._run(block, h, cond, size=skips[-1].shape[-2:] if skips else None)
-        return rearrange(self.out(h), '(b f) c h w -> b c f h w', f=frames).contiguous()
+        return frames_to_video(self.out(h), frames).contiguous()
 
     def _run(self, block: nn.Module, h: torch.Tensor, cond: Conditioning, **kwargs) -> torch.Tensor:
         """block(h, cond), its activations recomputed in the backward pass under gradient_checkpointing."""
