@@ -151,7 +151,8 @@ if triton is not None:
         valid = rows < window
         written = 0   # frames below it hold the sum of the windows before
         for w in range(windows):
-            frames = tl.minimum(w * stride, length - window) + rows
+            start = tl.minimum(w * stride, length - window)
+            frames = start + rows
             q = _load_sequence(q_ptr, n, h, q_sn, q_sl, q_sh, frames, channels, valid)
             k = _load_sequence(k_ptr, n, h, k_sn, k_sl, k_sh, frames, channels, valid)
             v = _load_sequence(v_ptr, n, h, v_sn, v_sl, v_sh, frames, channels, valid)
@@ -160,7 +161,7 @@ if triton is not None:
             out += tl.load(o_ptr + offsets, mask=(valid & (frames < written))[:, None], other=0.0).to(tl.float32)
             tl.store(o_ptr + offsets, out.to(o_ptr.dtype.element_ty), mask=valid[:, None])
             tl.debug_barrier()   # the next window reads what this one stored
-            written = tl.minimum(w * stride, length - window) + window
+            written = start + window
 
     @torch.library.triton_op('modelscope_t2v::frame_attention_in_windows', mutates_args=())
     def _frame_attention_in_windows_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales: torch.Tensor,
