@@ -7,9 +7,9 @@ Spatial self-attention ((b f), h w, heads, 64) and cross-attention (b, f h w que
 each level, under each of SDPA's backends; temporal attention ((b h w), f, heads, 64) in the package's
 kernel (models/frame_attention.py) with 1, 2 and 4 warps a program, and SDPA's memory-efficient kernel.
 With --window W --stride S the temporal rows run in windows (FreeNoise, models/frame_windows.py): the
-package's one-call kernel against its window-by-window loop. Each call is timed inside a CUDA graph of
-REPEATS calls, so the host's launches do not count. Prints microseconds, TFLOP/s and the HBM bandwidth
-that reading q, k, v and writing out once would take.
+package's one-call kernel against its window-by-window loop, each also compared with the loop in float32.
+Each call is timed inside a CUDA graph of REPEATS calls, so the host's launches do not count. Prints
+microseconds, TFLOP/s and the HBM bandwidth that reading q, k, v and writing out once would take.
 """
 import argparse
 import statistics
@@ -98,9 +98,11 @@ def main():
             loop = windowed(frame_attention.frame_attention, args.window, args.stride)
             one_call = windowed(frame_attention.frame_attention, args.window, args.stride,
                                 frame_attention.frame_attention_in_windows)
+            exact = loop(q.float(), k.float(), v.float())
             for label, attend in (('loop', loop), ('one call', one_call)):
                 us = microseconds(lambda: attend(q, k, v))
                 report(f'level {level} frames {tuple(q.shape)} windows, {label}', us, flop, nbytes)
+                print(f'    max |difference| from float32 windows: {(attend(q, k, v).float() - exact).abs().max():.2e}')
             continue
         flop = 4 * q.shape[0] * heads * args.frames ** 2 * HEAD
         for warps in (1, 2, 4):

@@ -141,8 +141,10 @@ def bench_ours(engine: TextToVideo, args, label: str) -> dict:
     video = engine.decode(latents)
     frames, stages['to_uint8'] = timed(lambda: to_uint8_frames(video)[0])
     stages['mp4'] = mp4_encode_time(frames)
+    outputs = []
     row = {'label': label, 'stages_s': stages, 'end_to_end_s': median_time(lambda: engine(request), args.runs),
-           'peak_gib': peak_gib(lambda: engine(request)), 'frames': engine(request).frames[0]}
+           'peak_gib': peak_gib(lambda: outputs.append(engine(request)))}
+    row['frames'] = outputs[0].frames[0]
     if args.workload == 'default':
         dpm = default_request(engine, args, sampler='dpm++2m', num_inference_steps=25)
         row['dpm++2m_25_s'] = median_time(lambda: engine(dpm), args.runs)
@@ -205,6 +207,20 @@ def psnr_against_fp32(args, device, rows: list) -> dict:
 
 
 # -- the run ------------------------------------------------------------------------------------
+
+def report_row(results: dict, path: str) -> None:
+    """Print the newest row as it finishes and save the results so far."""
+    row = results['rows'][-1]
+    print(row['label'], row['end_to_end_s'], 'peak', row.get('peak_gib'), 'stages', row.get('stages_s'), flush=True)
+    save(results, path)
+
+
+def save(results: dict, path: str) -> None:
+    """Write the results so far (rows without their frames): a run cut short keeps its finished rows."""
+    rows = [{k: v for k, v in row.items() if k != 'frames'} for row in results['rows']]
+    with open(path, 'w') as f:
+        json.dump({**results, 'rows': rows}, f, indent=2)
+
 
 def print_table(results: dict) -> None:
     print(f"\nGPU: {results['device']}; torch {results['torch']}; "
@@ -269,15 +285,17 @@ def main(argv=None):
     results['flops']['generation'] = (kept_steps(args) * texts * results['flops']['unet_forward']
                                       + results['flops']['decode'] + results['flops'].get('encode', 0))
     results['floor_s'] = results['flops']['generation'] / results['ceiling_tflops']
+    print(f"floor {results['floor_s']:.2f} s: {results['flops']['generation']:.0f} TFLOP at "
+          f"{results['ceiling_tflops']:.0f} TFLOP/s", flush=True)
     if 'eager' not in skip:
         rows.append(bench_ours(engine, args, f'modelscope-t2v eager ({str(engine.dtype)[6:]})'))
-        print(rows[-1]['label'], rows[-1]['end_to_end_s'], 'peak', rows[-1]['peak_gib'], flush=True)
+        report_row(results, args.out)
     # the same path at the trained frame count: how do time and memory grow?
     if args.workload == 'long' and 'eager' not in skip:
         short = argparse.Namespace(**{**vars(args), 'frames': engine.config.max_frames})
         rows.append(bench_ours(engine, short, f'modelscope-t2v eager, {short.frames} frames'))
         results['long_over_short'] = rows[0]['end_to_end_s'] / rows[-1]['end_to_end_s']
-        print(rows[-1]['label'], rows[-1]['end_to_end_s'], 'ratio', results['long_over_short'], flush=True)
+        report_row(results, args.out)
     release(engine)
 
     if 'memory' not in skip:
@@ -288,28 +306,25 @@ def main(argv=None):
             difference = np.abs(row['frames'].astype(np.int16) - rows[0]['frames'].astype(np.int16)).max()
             results['graphs_max_uint8_difference_from_eager'] = int(difference)
         rows.append(row)
-        print(row['label'], row['end_to_end_s'], 'peak', row['peak_gib'], flush=True)
+        report_row(results, args.out)
     if 'compile' not in skip:
         results['compile_warm_up_s'] = {}
         for mode in filter(None, args.compile_modes.split(',')):
             row, results['compile_warm_up_s'][mode] = bench_compiled(args, device, mode)
             rows.append(row)
-            print(row['label'], row['end_to_end_s'], 'peak', row['peak_gib'], flush=True)
+            report_row(results, args.out)
     if not {'builtin', 'diffusers'} <= skip:
         engine = load(args, device)  # the peers take their text embedding from our encoder
         if 'builtin' not in skip:
             rows.append(peers.bench_builtin(args.model_dir, engine, args))
-            print(rows[-1]['label'], rows[-1]['end_to_end_s'], flush=True)
+            report_row(results, args.out)
         if 'diffusers' not in skip:
             rows.append(peers.bench_diffusers(engine, args))
-            print(rows[-1]['label'], rows[-1]['end_to_end_s'], flush=True)
+            report_row(results, args.out)
         release(engine)
     if 'fp32' not in skip and device.type == 'cuda':
         results['psnr_db'] = psnr_against_fp32(args, device, rows)
-    for row in rows:
-        row.pop('frames', None)
-    with open(args.out, 'w') as f:
-        json.dump(results, f, indent=2)
+    save(results, args.out)
     print_table(results)
 
 

@@ -52,8 +52,9 @@ def median_time(fn, runs: int) -> float:
 
 
 def peak_gib(fn) -> dict:
-    """Peak allocated and reserved GPU memory while fn runs, in GiB."""
+    """Peak allocated and reserved GPU memory while fn runs, in GiB (None without a GPU)."""
     if not torch.cuda.is_available():
+        fn()
         return {'allocated': None, 'reserved': None}
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
