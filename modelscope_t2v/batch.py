@@ -60,9 +60,9 @@ EXAMPLE = ('prompts.jsonl:  {"text": "A panda eating bamboo on a rock.", "seed":
            'N GPUs:         torchrun --nproc-per-node N -m modelscope_t2v.batch prompts.jsonl --out videos')
 
 
-# Compiling pays back from about this many videos of one shape: on an H200 its start-up (191 s cold) is 175 s
-# more than that of the uncompiled networks under CUDA graphs (16 s), and it then saves 1.07 s a default video
-# (compiled 1.30 s against 2.37 s, docs/benchmarks.md); each shape compiles anew.
+# Compiling pays back from about this many videos of one shape: on an H100 its start-up (187 s cold) is 165 s
+# more than that of the uncompiled networks under CUDA graphs (22 s), and it then saves 1.07 s a default video
+# (on an H200, compiled 1.30 s against 2.37 s; docs/benchmarks.md); each shape compiles anew.
 COMPILE_PAYS_BACK_AFTER = 160
 
 

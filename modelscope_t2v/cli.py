@@ -19,7 +19,7 @@ from .request import MAX_FRAMES, MAX_SIDE
 from .schedulers import DEFAULT_SAMPLER, SAMPLERS
 from .text_to_video import COMPILE_MODES, FAST_COMPILE_MODE
 
-COMPILE_HELP = ('torch.compile the networks on CUDA: about 3 min on the first video of a process, 46 s when an '
+COMPILE_HELP = ('torch.compile the networks on CUDA: about 3 min on the first video of a process, 43 s when an '
                 'earlier process left its compiler caches; then a default video takes 1.3 s on an H200 against '
                 '2.4 s uncompiled under CUDA graphs (docs/benchmarks.md). Ignored on the CPU')
 
