@@ -285,7 +285,7 @@ def graphs_in_turn(copies):
     The UNet compiled in mode 'default' (no CUDA graphs of inductor's own), guidance around it, and
     each copy captured with the same static inputs and one shared memory pool. The test of whether
     a launch waits for its graph's previous run: on an H200 two copies gave the same step as one
-    (docs/benchmarks.md, Decisions). A copy's eps is overwritten `copies` steps later: the loop
+    (docs/decisions.md). A copy's eps is overwritten `copies` steps later: the loop
     has used it by then.
     """
     eps_fn = guided_eps(torch.compile(unet.to_channels_last(), dynamic=False, options=compile_options('default')))

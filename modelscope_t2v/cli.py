@@ -69,7 +69,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--compile-cache', action='store_true',
                        help='--compile, keeping the compiled networks on disk in the compiler cache folder '
                             '($TORCHINDUCTOR_CACHE_DIR, default in the system temp folder), so that later runs on '
-                            'this machine load them instead of compiling again (torch.compiler.precompile; a new '
+                            'this machine load them instead of compiling again (AOTInductor packages; a new '
                             'video size compiles once more)')
     group.add_argument('--cuda-graphs', action=argparse.BooleanOptionalAction, default=None,
                        help='replay the uncompiled networks from CUDA graphs of their own kernels, captured on the '

@@ -1,19 +1,26 @@
-"""Compiled networks kept on disk: a second process on the same machine skips torch.compile's tracing.
+"""Compiled networks kept on disk: a second process on the same machine loads them instead of compiling again.
 
-from_pretrained(compile=MODE, compile_cache=True) compiles each network with torch.compiler.precompile instead of
+from_pretrained(compile=MODE, compile_cache=True) compiles each network ahead of time with AOTInductor instead of
 torch.compile. The first call of each kind (cuda_graphs.call_kind: the arguments' shapes, dtypes and strides,
-which are None, the network's trace_state()) traces the network once, non-strictly, and lowers it through inductor
-with MODE's options. The artefact (Python source and an integrity-tagged cache) goes to one file in the folder,
-the kernels to inductor's own cache. A later call of that kind, in this process or another on this machine, loads
-the file: no dynamo tracing, no guards, no lowering. Where MODE has CUDA graphs, each kind is captured once and
-replayed (cuda_graphs.GraphedCall).
+which are None, the network's trace_state()) is exported once (torch.export, non-strict) and lowered through
+inductor with MODE's options into a package: one .pt2 file in the folder, holding the shared library and its
+kernels. A later call of that kind, in this process or another on this machine, loads the file: no tracing, no
+guards, no lowering. Where MODE has CUDA graphs, each kind is captured once and replayed (cuda_graphs.GraphedCall).
+torch.export and AOTInductor's packages are in torch from 2.6 on: the cache serves the GPU machine's 2.11 as well
+as 2.14.
 
 A trace freezes every Python-side choice of forward. The file's name is a hash of all that can change one: the
 call's kind, the structure of the network's parameters and buffers (names, shapes, dtypes, strides), the source
-of the package's networks, the inductor options, torch's version and the device. Weights are inputs, not
-constants: a LoRA written into them in place (lora/apply.py) is seen by a loaded artefact and a captured graph.
-Parameters must stay where they are after compiling (as with torch.compile's CUDA graphs); a buffer that is
-replaced (UNet3D.remember_text for another count of texts) makes the graphs that read it capture again.
+of the package's networks, the inductor options, the backend, torch's version and the device.
+
+Weights are inputs, not constants: what is exported is the call with the network's parameters and buffers as
+arguments (WeightsAsInputs), and each call passes the tensors the network holds then. So the file holds no copy of
+them (megabytes, where the real UNet's weights are 2.8 GB), and a LoRA written into them in place (lora/apply.py),
+weights moved to another device and back (low_memory) or a buffer replaced (UNet3D.remember_text) are read where
+they are at each call. AOTInductor's other way, constants outside the library bound with load_constants(
+user_managed=True), keeps raw pointers from the load: a buffer replaced later would leave one pointing at freed
+memory. Under CUDA graphs parameters must stay where they are after the capture (as with torch.compile's); a
+buffer that is replaced makes the graphs that read it capture again.
 
 The folder holds code that is executed: it is inductor's cache folder (TORCHINDUCTOR_CACHE_DIR, whose kernels
 inductor executes the same way) unless another is given; give only a folder that only you can write.
@@ -21,14 +28,13 @@ inductor executes the same way) unless another is given; give only a folder that
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import io
 import logging
 import os
-import pickle
 import tempfile
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -39,7 +45,8 @@ from .cuda_graphs import CallsByKind, frozen_call
 logger = logging.getLogger(__name__)
 
 NETWORK_SOURCES = Path(__file__).parent / 'models'   # what a trace of the networks reads of this package
-FORMAT = 1   # of the artefact files; part of their names
+FORMAT = 2      # of the artefact files; part of their names
+BACKEND = 'aoti'   # torch.export + AOTInductor; part of the names
 
 
 def default_folder() -> str:
@@ -49,115 +56,151 @@ def default_folder() -> str:
 
 
 class CompileCache:
-    """A folder of precompiled network calls; compile() is the in-place counterpart of nn.Module.compile."""
+    """A folder of compiled network calls; compile() is the in-place counterpart of nn.Module.compile."""
 
     def __init__(self, folder: Optional[str] = None):
         self.folder = folder or default_folder()
 
     def compile(self, network: nn.Module, options: dict) -> None:
-        """Make `network`'s calls run through precompiled artefacts (inductor `options`; CUDA graphs where
+        """Make `network`'s calls run through compiled packages (inductor `options`; CUDA graphs where
         options['triton.cudagraphs'] and the network is on a GPU). Its type, attributes and keys stay its own:
         the calls go through the attribute nn.Module.compile sets."""
-        network._compiled_call_impl = PrecompiledCalls(network, self.folder, options)
+        network._compiled_call_impl = PackagedCalls(network, self.folder, options)
 
 
-class PrecompiledCalls(CallsByKind):
-    """A network's calls, each kind through its artefact (loaded, else built and saved) and CUDA graph."""
+class PackagedCalls(CallsByKind):
+    """A network's calls, each kind through its package (loaded, else built and saved) and CUDA graph."""
 
     def __init__(self, network: nn.Module, folder: str, options: dict):
         super().__init__(network)
         self.folder = folder
         self.graphs = bool(options.get('triton.cudagraphs'))
         self.options = {key: value for key, value in options.items() if key != 'triton.cudagraphs'}
-        self.built = self.loaded = 0   # artefacts, for tests and logs
-        self.builds = True   # False: a kind with no artefact on disk runs eager (TextToVideo.stop_compiling)
+        self.built = self.loaded = 0   # packages, for tests and logs
+        self.builds = True   # False: a kind with no package on disk runs eager (TextToVideo.stop_compiling)
 
     def prepare(self, kind: tuple, arguments: list, tensors: List[torch.Tensor]) -> Callable:
-        """The call of this kind: the artefact run directly, or replayed from a CUDA graph of it."""
-        path = os.path.join(self.folder, artefact_name(self.network, kind, self.options) + '.pt')
+        """The call of this kind: the package run directly, or replayed from a CUDA graph of it."""
+        path = os.path.join(self.folder, artefact_name(self.network, kind, self.options) + '.pt2')
         run = self.load(path)
         if run is None and not self.builds:
             logger.info('compile cache: no %s for this kind of call; it runs eager', path)
             call = frozen_call(arguments)
             return lambda *inputs: call(self.network, *inputs)
-        run = run or self.build(path, arguments)
-        precompiled = lambda *inputs: run(self.network, *inputs)  # noqa: E731
-        return self.graphed(precompiled, tensors, f'compile cache: {path}') if self.graphs else precompiled
+        if run is None:
+            self.build(path, arguments)
+            run = load_package(path)
+        weights = weight_places(self.network)
+        compiled = lambda *inputs: run([slots[name] for slots, name in weights], *inputs)  # noqa: E731
+        return self.graphed(compiled, tensors, f'compile cache: {path}') if self.graphs else compiled
 
     def load(self, path: str) -> Optional[Callable]:
-        """The artefact saved at `path`, or None when there is none or it cannot be read (then rebuilt)."""
+        """The package saved at `path`, or None when there is none or it cannot be read (then rebuilt)."""
         if not os.path.exists(path):
             return None
         try:
-            saved = torch.load(path, weights_only=True)
-            with own_code_loading():
-                run = torch.compiler.precompile.load(saved['code'], saved['cache'])
-        except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as error:
+            run = load_package(path)
+        except (OSError, RuntimeError) as error:
             logger.warning('compile cache: %s unreadable (%s); compiling it again', path, error)
             return None
         self.loaded += 1
         logger.info('compile cache: %s loaded', path)
         return run
 
-    def build(self, path: str, arguments: list) -> Callable:
-        """Trace one call with these arguments, lower it, save it at `path` (atomically) and return it."""
-        call, tensors = frozen_call(arguments), [value for value in arguments if isinstance(value, torch.Tensor)]
-        call(self.network, *tensors)   # eager once: the kernel probes (kernel_probe.py) run outside the trace
-        from torch._inductor.decomposition import select_decomp_table
+    def build(self, path: str, arguments: list) -> None:
+        """Export one call with these arguments, lower it into a package and save that at `path` (atomically)."""
+        tensors = [value for value in arguments if isinstance(value, torch.Tensor)]
+        frozen = FrozenCall(self.network, arguments)
+        frozen(*tensors)   # eager once: the kernel probes (kernel_probe.py) run outside the trace
         logger.warning('compile cache: compiling %s for %s (minutes, once per machine)',
                        type(self.network).__name__, path)
-        with torch._inductor.config.patch(self.options):
-            code, cache = torch.compiler.precompile(call, self.network, *tensors, decompositions=select_decomp_table())
-        save_atomically({'code': code, 'cache': cache}, path)
+        weights = [slots[name] for slots, name in weight_places(self.network)]
+        exported = torch.export.export(WeightsAsInputs(frozen), (weights, *tensors), strict=False)
+        constants = {name: tuple(value.shape) for name, value in exported.constants.items()}
+        assert sum(value.numel() for value in exported.constants.values()) < 2 ** 16, \
+            f'tensors copied into {path}: {constants}; only a few that forward makes (torch.tensor(10000.0)) should be'
+        package = io.BytesIO()
+        torch._inductor.aoti_compile_and_package(exported, package_path=package, inductor_configs=dict(self.options))
+        save_atomically(package.getvalue(), path)
         self.built += 1
-        with own_code_loading():
-            return torch.compiler.precompile.load(code, cache)
 
 
-@contextlib.contextmanager
-def own_code_loading():
-    """Inside: torch.compiler.precompile.load without its warning that the code it executes is untrusted input.
-    The code is this package's trace, in the folder whose trust the module docstring states."""
-    precompile_log = logging.getLogger('torch._precompile')
-    precompile_log.addFilter(drop_untrusted_code_warning)
-    try:
-        yield
-    finally:
-        precompile_log.removeFilter(drop_untrusted_code_warning)
+class FrozenCall(nn.Module):
+    """network.forward with one kind's arguments frozen in (cuda_graphs.frozen_call): forward(*tensors)."""
+
+    def __init__(self, network: nn.Module, arguments: list):
+        super().__init__()
+        self.network, self.call = network, frozen_call(arguments)
+
+    def forward(self, *tensors):
+        return self.call(self.network, *tensors)
 
 
-def drop_untrusted_code_warning(record: logging.LogRecord) -> bool:
-    return 'untrusted executable input' not in record.getMessage()
+class WeightsAsInputs(nn.Module):
+    """What is exported: forward(weights, *tensors), the frozen call with `weights` (the network's parameters and
+    buffers, in weight_names order) in place of the network's own. The call is held in a tuple, not as a
+    submodule, so that export lifts none of the network's tensors into the package."""
+
+    def __init__(self, frozen: FrozenCall):
+        super().__init__()
+        self.held = (frozen,)
+        self.names = ['network.' + name for name in weight_names(frozen.network)]
+
+    def forward(self, weights: List[torch.Tensor], *tensors):
+        return torch.func.functional_call(self.held[0], dict(zip(self.names, weights)), tensors)
+
+
+def weight_names(network: nn.Module) -> List[str]:
+    """The network's parameters' and buffers' names, in the order a package takes them."""
+    return [name for name, _ in network.named_parameters()] + [name for name, _ in network.named_buffers()]
+
+
+def weight_places(network: nn.Module) -> List[Tuple[Dict[str, torch.Tensor], str]]:
+    """(the _parameters or _buffers of the module that holds it, its name there) of each of the network's
+    weights, in weight_names order: a call reads each where it is then, in microseconds."""
+    places = []
+    for name in weight_names(network):
+        owner, _, attribute = name.rpartition('.')
+        module = network.get_submodule(owner)
+        places.append((module._parameters if attribute in module._parameters else module._buffers, attribute))
+    return places
+
+
+def load_package(path: str) -> Callable:
+    """The package at `path`, run(weights, *tensors). Single-threaded: a network runs one call at a time (the
+    engine's lock), and the thread-aware runner waits on an event from the call before, which the capture of a
+    CUDA graph cannot."""
+    return torch._inductor.aoti_load_package(path, run_single_threaded=True)
 
 
 def artefact_name(network: nn.Module, kind: tuple, options: dict) -> str:
-    """The file name of a network's artefact for calls of this kind: a hash of everything a trace freezes."""
+    """The file name of a network's package for calls of this kind: a hash of everything a trace freezes."""
     tensors = list(network.named_parameters()) + list(network.named_buffers())
     structure = tuple((name, tuple(t.shape), str(t.dtype), t.stride(), str(t.device)) for name, t in tensors)
     device = torch.cuda.get_device_name() if any(t.is_cuda for _, t in tensors) else 'cpu'
-    described = repr((FORMAT, type(network).__qualname__, kind, structure, sorted(options.items()),
+    described = repr((FORMAT, BACKEND, type(network).__qualname__, kind, structure, sorted(options.items()),
                       torch.__version__, device, network_source_hash()))
     return f'{type(network).__name__}-{hashlib.sha256(described.encode()).hexdigest()[:32]}'
 
 
 def network_source_hash() -> str:
-    """A hash of the package's network sources: a changed forward makes new artefacts."""
+    """A hash of the package's network sources: a changed forward makes new packages."""
     digest = hashlib.sha256()
     for path in sorted(NETWORK_SOURCES.glob('*.py')):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()
 
 
-def save_atomically(artefact: dict, path: str) -> None:
-    """torch.save to a temporary file beside `path`, then renamed over it: readers never see half a file, and
-    processes that build the same artefact at once each rename a whole one."""
+def save_atomically(contents: bytes, path: str) -> None:
+    """`contents` written to a temporary file beside `path`, then renamed over it: readers never see half a file,
+    and processes that build the same package at once each rename a whole one."""
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     scratch.remove_stale(folder, scratch.TEMPORARY_FOLDER_RE, once=True)   # of builders killed before
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.tmp-')
     try:
         with os.fdopen(handle, 'wb') as f:
-            torch.save(artefact, f)
+            f.write(contents)
         os.replace(temporary, path)
     except BaseException:
         scratch.remove_quietly(temporary)

@@ -8,7 +8,7 @@ attribute nn.Module.compile sets, so the network keeps its type, attributes and 
 capture_calls(network) (from_pretrained's cuda_graphs=True) replays the network's own eager kernels: each kind of
 call on a GPU is run twice, captured in a CUDA graph, then replayed. The results are eager's; what goes is the
 host's time to launch each of the step's kernels, for a capture of seconds instead of torch.compile's minutes.
-compile_cache.py replays its precompiled calls the same way.
+compile_cache.py replays its packaged calls the same way.
 
 A replay reads the static copies of its inputs, and the parameters and buffers where they were at the capture:
 parameters must stay where they are (LoRAs are written into them in place, lora/apply.py); a buffer that was

@@ -7,6 +7,7 @@ the CLI and the demo call it through that pipeline.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from einops import rearrange
 
 from . import config as config_lib
 from . import model_folder, tokenizer, video_io
-from .compile_cache import CompileCache, PrecompiledCalls
+from .compile_cache import CompileCache, PackagedCalls
 from .cuda_graphs import capture_calls
 from .half_cache import HALF_DTYPES, load_networks_cached
 from .lora.apply import LoraStack
@@ -138,7 +139,7 @@ class TextToVideo:
         `mode` too, unless low_memory (a CUDA graph would record again each time its weights come back from
         the CPU); the autoencoder's decoder in mode 'reduce-overhead' where `mode` has CUDA graphs and not
         low_memory, else in mode 'default'. Checkpoint keys are unchanged. With compile_cache, each network's
-        calls run through precompiled artefacts kept on disk instead (compile_cache.py)."""
+        calls run through AOTInductor packages kept on disk instead (compile_cache.py)."""
         graphs = compile_options(mode).get('triton.cudagraphs') and not self.low_memory
         decoder_options = compile_options('reduce-overhead' if graphs else 'default')
         if compile_cache:
@@ -169,7 +170,7 @@ class TextToVideo:
         torch.compiler.set_stance('eager_on_recompile')
         for network in (self.unet, self.text_encoder, self.autoencoder.decoder):
             calls = getattr(network, '_compiled_call_impl', None)
-            if isinstance(calls, PrecompiledCalls):
+            if isinstance(calls, PackagedCalls):
                 calls.builds = False
 
     @torch.no_grad()
@@ -555,14 +556,14 @@ def check_compile_options(compile, compile_cache, cuda_graphs) -> None:
 
 
 def check_compile_cache(compile_cache) -> None:
-    """from_pretrained's compile_cache: False, True or a folder's path, where this torch can precompile."""
+    """from_pretrained's compile_cache: False, True or a folder's path, where this torch has AOTInductor."""
     if not isinstance(compile_cache, (bool, str, os.PathLike)):
         raise TypeError(f'compile_cache={compile_cache!r} is not True, False or a folder\'s path')
     if isinstance(compile_cache, (str, os.PathLike)) and os.path.exists(compile_cache) \
             and not os.path.isdir(compile_cache):
         raise ValueError(f'compile_cache={os.fspath(compile_cache)!r} is a file, not a folder')
-    if compile_cache is not False and not hasattr(torch.compiler, 'precompile'):
-        raise ValueError(f'compile_cache={compile_cache!r} needs torch.compiler.precompile, new in torch 2.14; this '
+    if compile_cache is not False and not hasattr(importlib.import_module('torch._inductor'), 'aoti_load_package'):
+        raise ValueError(f"compile_cache={compile_cache!r} needs AOTInductor's packages, new in torch 2.6; this "
                          f'torch is {torch.__version__}: compile without compile_cache, or upgrade torch')
 
 

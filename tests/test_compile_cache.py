@@ -1,7 +1,7 @@
-"""compile_cache: networks precompiled to disk, then loaded by a later engine or process without tracing.
+"""compile_cache: networks compiled to disk (AOTInductor packages), then loaded by a later engine or process.
 
 On the CPU with inductor's C++ backend; the CUDA-graph replay (cuda_graphs.GraphedCall) cannot run here. Tests of
-the cache's mechanics use precompile's eager backend (the captured graph run as traced: seconds, not minutes).
+the cache's mechanics use eager packages (the exported program run as traced: seconds, not minutes).
 """
 
 import copy
@@ -22,7 +22,7 @@ from modelscope_t2v.compile_cache import CompileCache, artefact_name
 from modelscope_t2v.cuda_graphs import call_kind
 from modelscope_t2v.config import TINY
 from modelscope_t2v.models.unet3d import UNet3D
-from modelscope_t2v.text_to_video import TextToVideo
+from modelscope_t2v.text_to_video import TextToVideo, check_compile_cache
 from reference import randomize_, rel_err
 
 SMALL = {'num_frames': 4, 'height': 64, 'width': 64, 'num_inference_steps': 3, 'seed': 7, 'output_type': 'frames'}
@@ -32,32 +32,41 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def precompiled_calls(engine) -> list:
-    """The PrecompiledCalls of the engine's three networks."""
+    """The PackagedCalls of the engine's three networks."""
     return [engine.unet._compiled_call_impl, engine.text_encoder._compiled_call_impl,
             engine.autoencoder.decoder._compiled_call_impl]
 
 
-class EagerPrecompile:
-    """torch.compiler.precompile with backend='eager'."""
+class EagerPackages:
+    """torch._inductor's package functions with the exported program run as traced, not lowered: kept in memory,
+    its package file a stand-in that names it (serializing the program would take longer than exporting it)."""
 
     def __init__(self):
-        self.real = torch.compiler.precompile
+        self.programs = {}
 
-    def __call__(self, *args, **kwargs):
-        return self.real(*args, backend='eager', **kwargs)
+    def aoti_compile_and_package(self, exported, package_path, inductor_configs):
+        name = f'eager package {len(self.programs)}'.encode()
+        self.programs[name] = exported
+        package_path.write(name)
 
-    def load(self, code, cache):
-        return self.real.load(code, cache)
+    def aoti_load_package(self, path, run_single_threaded):
+        with open(path, 'rb') as f:
+            name = f.read()
+        if name not in self.programs:
+            raise RuntimeError(f'{path} is not an eager package of this test')
+        return self.programs[name].module()
 
 
 @pytest.fixture
-def eager_precompile(monkeypatch):
-    monkeypatch.setattr(torch.compiler, 'precompile', EagerPrecompile())
+def eager_packages(monkeypatch):
+    packages = EagerPackages()
+    for name in ('aoti_compile_and_package', 'aoti_load_package'):
+        monkeypatch.setattr(torch._inductor, name, getattr(packages, name))
 
 
 @pytest.fixture(scope='module')
 def cached_generation(tiny_model_dir, tmp_path_factory):
-    """A CPU engine compiled through a compile cache (inductor), its frames and its folder."""
+    """A CPU engine compiled through a compile cache (AOTInductor), its frames and its folder."""
     folder = str(tmp_path_factory.mktemp('compile-cache'))
     engine = TextToVideo.from_pretrained(tiny_model_dir, device='cpu')
     engine.compile_networks('default', compile_cache=folder)
@@ -75,6 +84,35 @@ def test_cached_engine_generates_the_frames_of_the_plain_engine(cached_generatio
     assert frames.shape == (4, 64, 64, 3) and difference.max() <= 1
     assert [(calls.built, calls.loaded) for calls in precompiled_calls(engine)] == [(1, 0)] * 3
     assert sorted(name.split('-')[0] for name in os.listdir(folder)) == ['Decoder', 'OpenCLIPTextEncoder', 'UNet3D']
+    sizes = {name: os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)}
+    constants = [len(torch._inductor.aoti_load_package(os.path.join(folder, name)).get_constant_fqns())
+                 for name in sorted(sizes)]
+    print('package sizes (bytes):', sizes, 'constants in them:', constants)
+    assert constants == [0, 0, 0]   # weights are inputs: none is copied into a package
+
+
+@pytest.mark.slow
+def test_weights_written_in_place_after_loading_are_seen(cached_generation, tiny_model_dir):
+    """A LoRA is written into the weights in place (lora/apply.py): after the packages are loaded, such a change to
+    the UNet's and the text encoder's weights changes the frames as it changes the plain engine's."""
+    _, frames, folder = cached_generation
+    engine = TextToVideo.from_pretrained(tiny_model_dir, device='cpu')
+    engine.compile_networks('default', compile_cache=folder)
+    plain = TextToVideo.from_pretrained(tiny_model_dir, device='cpu')
+    assert np.array_equal(engine(parse_request(PROMPT, engine.config, **SMALL)).frames[0], frames)   # loaded
+    for e in (engine, plain):
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, weight in [*e.unet.named_parameters(), *e.text_encoder.named_parameters()]:
+                if name.endswith(('to_v.weight', 'in_proj_weight')):   # a rank-1 delta, as a LoRA's up @ down
+                    up, down = (torch.randn(size, 1, generator=generator) for size in weight.shape)
+                    weight.add_(0.2 * up @ down.T)
+    got = engine(parse_request(PROMPT, engine.config, **SMALL)).frames[0].astype(int)
+    expected = plain(parse_request(PROMPT, plain.config, **SMALL)).frames[0].astype(int)
+    print(f'after the change: largest difference from the changed plain engine {np.abs(got - expected).max()}, '
+          f'from the frames before it {np.abs(got - frames).max()}')
+    assert np.abs(got - expected).max() <= 1 and np.abs(got - frames).max() >= 10
+    assert [(calls.built, calls.loaded) for calls in precompiled_calls(engine)] == [(0, 1)] * 3
 
 
 CHILD = r'''
@@ -109,7 +147,7 @@ def test_a_second_process_loads_the_artefacts_without_tracing(cached_generation,
     assert np.array_equal(np.load(out), frames)
 
 
-def test_calls_of_another_kind_get_their_own_artefacts(tiny_model_dir, tiny_engine, tmp_path, eager_precompile):
+def test_calls_of_another_kind_get_their_own_artefacts(tiny_model_dir, tiny_engine, tmp_path, eager_packages):
     """Guided (two texts a video) and unguided (one) UNet calls and a temporal window are traced apart; each
     kind's frames are the plain engine's."""
     engine = TextToVideo.from_pretrained(tiny_model_dir, device='cpu')
@@ -156,8 +194,10 @@ def test_artefact_names_follow_what_a_trace_freezes(tmp_path, monkeypatch):
     assert len(set(others.values()) | {first}) == len(others) + 1
 
 
-def test_unreadable_artefact_is_compiled_again(tmp_path, eager_precompile, caplog):
-    """A damaged file is replaced by a new build, with a warning naming it; no temporary file stays."""
+def test_unreadable_artefact_is_compiled_again(tmp_path, caplog, monkeypatch):
+    """A damaged file is replaced by a new build, with a warning naming it; no temporary file stays. AOTInductor
+    itself, on a torch without torch.compiler.precompile (as the GPU machine's 2.11)."""
+    monkeypatch.delattr(torch.compiler, 'precompile', raising=False)
     network = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).eval()
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -188,17 +228,20 @@ def test_bad_compile_cache_is_refused_before_loading(tmp_path, value, error, mes
         TextToVideo.from_pretrained(str(tmp_path / 'no-model-here'), compile_cache=value)
 
 
-def test_compile_cache_on_a_torch_without_precompile_is_refused_before_loading(tmp_path, monkeypatch):
-    """torch before 2.14 (the GPU machine's 2.11) has no torch.compiler.precompile: say so, not an AttributeError
-    minutes into the first video."""
-    monkeypatch.delattr(torch.compiler, 'precompile')
-    with pytest.raises(ValueError, match=r"compile_cache=True needs torch.compiler.precompile, new in torch 2.14; "
+def test_compile_cache_needs_no_precompile_and_a_torch_without_aoti_packages_is_refused(tmp_path, monkeypatch):
+    """torch 2.11 (the GPU machine's) has no torch.compiler.precompile, which the cache does not use: accepted. A
+    torch before 2.6 has no AOTInductor packages: say so before loading, not an AttributeError minutes into the
+    first video."""
+    monkeypatch.delattr(torch.compiler, 'precompile', raising=False)
+    assert check_compile_cache(True) is None and check_compile_cache(str(tmp_path)) is None
+    monkeypatch.delattr(torch._inductor, 'aoti_load_package')
+    with pytest.raises(ValueError, match=r"compile_cache=True needs AOTInductor's packages, new in torch 2\.6; "
                                          r"this torch is 2\.\d+"):
         TextToVideo.from_pretrained(str(tmp_path / 'no-model-here'), compile_cache=True)
 
 
 def test_after_stop_compiling_new_kinds_run_eager_and_known_ones_still_load(tiny_model_dir, tiny_engine, tmp_path,
-                                                                            eager_precompile):
+                                                                            eager_packages):
     """TextToVideo.stop_compiling (the demo after its warm-up): a kind with an artefact on disk loads, a new one
     runs the network as it is, and nothing is built."""
     first = TextToVideo.from_pretrained(tiny_model_dir, device='cpu')

@@ -224,7 +224,7 @@ class AutoencoderKL(nn.Module):
         per channel first (group_norm.py), and each decode's output is copied out
         of the graph: 23.9 ms. Without graphs those statistics do not pay: the
         GPU's work falls from 27.3 to 22.8 ms, but the host's 800 kernel launches
-        then take longer, 30.3 ms (docs/benchmarks.md, Decisions).
+        then take longer, 30.3 ms (docs/decisions.md).
         """
         graphs = bool((options or {}).get('triton.cudagraphs'))
         self.decoder.to(memory_format=torch.channels_last)

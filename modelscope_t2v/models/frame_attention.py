@@ -3,7 +3,7 @@
 The temporal transformers attend over a few frames (16 by default) at each of
 thousands of pixels. SDPA's kernels are built for long sequences: on an H200
 its fastest one spends 2.5 ms per guided UNet step on these calls, this
-kernel 1.0 ms (docs/benchmarks.md, Decisions). In it one
+kernel 1.0 ms (docs/decisions.md). In it one
 program takes one (pixel, head) sequence whole: scores, softmax and the
 weighted sum stay in registers, and q, k, v are read in the projections' own
 layout, without a transpose copy.

@@ -38,7 +38,7 @@ except ImportError:  # CPU-only torch builds come without Triton; older Triton h
     triton = None
 
 # Tile: BLOCK_M rows, up to MAX_N output channels; its K loop is in k_loop. The fastest over the model's calls
-# on an H200 (docs/benchmarks.md, Decisions).
+# on an H200 (docs/decisions.md).
 BLOCK_M, MAX_N, WARPS = 128, 128, 4
 MIN_TILES_PER_SM = 2
 

@@ -7,7 +7,7 @@ program per SM, each looping over output tiles, TMA loads of the next tile
 issued while the current one finishes) computes a tile's a and g columns in
 one accumulator and writes only a * gelu(g), its erf a branch-free
 polynomial (_gelu): 3.2 ms of GPU time a guided UNet step, where F.linear and
-inductor's gelu-multiply take 4.2 (docs/benchmarks.md, Decisions; bench/step_timing.py,
+inductor's gelu-multiply take 4.2 (docs/decisions.md; bench/step_timing.py,
 docs/benchmarks.md).
 
 The kernel serves float16 CUDA tensors on Hopper and newer (TMA), the dtype
@@ -34,7 +34,7 @@ except ImportError:  # CPU-only torch builds come without Triton; older Triton h
 
 # Tile: BLOCK_M rows, up to MAX_HALF output columns (MAX_HALF a and MAX_HALF g columns of the projection),
 # BLOCK_K of the input width per load; PER_SM programs per SM. The fastest over the model's calls on an
-# H200 (docs/benchmarks.md, Decisions).
+# H200 (docs/decisions.md).
 BLOCK_M, MAX_HALF, BLOCK_K, WARPS, STAGES, PER_SM = 128, 128, 64, 8, 4, 1
 
 
@@ -88,7 +88,7 @@ if triton is not None:
         # 0.5 g (1 + erf(g / sqrt 2)) = max(g, 0) - |g| q with q = 0.5 erfc(|g| / sqrt 2), erfc by Abramowitz &
         # Stegun 7.1.26 (|error| <= 1.5e-7; relative error of the result <= 1.7e-4 where |gelu| > 1e-3, under
         # float16's 4.9e-4). Branch-free, one exp2 and one reciprocal: half the instructions of libdevice's erf,
-        # which held the epilogue back (docs/benchmarks.md, Decisions). Constants are the book's, times 1 / sqrt 2 or 0.5.
+        # which held the epilogue back (docs/decisions.md). Constants are the book's, times 1 / sqrt 2 or 0.5.
         ag = tl.abs(g)
         t = tl.fdiv(1.0, 1.0 + 0.23164189 * ag)
         q = t * (0.127414796 + t * (-0.142248368 + t * (0.7107068705 + t * (-0.7265760135 + t * 0.5307027145))))

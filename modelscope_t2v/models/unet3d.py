@@ -300,7 +300,7 @@ class UNet3D(nn.Module):
         GroupNorm's statistics per channel first; keys and values unchanged.
 
         Pays under torch.compile on a GPU, where no layout conversion is left
-        around the convolutions (docs/benchmarks.md, Decisions); eager it launches more kernels.
+        around the convolutions (docs/decisions.md); eager it launches more kernels.
         """
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
