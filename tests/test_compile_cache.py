@@ -31,7 +31,7 @@ NETWORKS = ('unet', 'text_encoder', 'autoencoder.decoder')
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def precompiled_calls(engine) -> list:
+def packaged_calls(engine) -> list:
     """The PackagedCalls of the engine's three networks."""
     return [engine.unet._compiled_call_impl, engine.text_encoder._compiled_call_impl,
             engine.autoencoder.decoder._compiled_call_impl]
@@ -79,10 +79,10 @@ def test_cached_engine_generates_the_frames_of_the_plain_engine(cached_generatio
     engine, frames, folder = cached_generation
     expected = tiny_engine(parse_request(PROMPT, tiny_engine.config, **SMALL)).frames[0].astype(int)
     difference = np.abs(frames.astype(int) - expected)
-    print(f'precompiled engine against plain: {np.count_nonzero(difference)} of {difference.size} uint8 values '
+    print(f'cached engine against plain: {np.count_nonzero(difference)} of {difference.size} uint8 values '
           f'differ, by at most {difference.max()}')
     assert frames.shape == (4, 64, 64, 3) and difference.max() <= 1
-    assert [(calls.built, calls.loaded) for calls in precompiled_calls(engine)] == [(1, 0)] * 3
+    assert [(calls.built, calls.loaded) for calls in packaged_calls(engine)] == [(1, 0)] * 3
     assert sorted(name.split('-')[0] for name in os.listdir(folder)) == ['Decoder', 'OpenCLIPTextEncoder', 'UNet3D']
     sizes = {name: os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)}
     constants = [len(torch._inductor.aoti_load_package(os.path.join(folder, name)).get_constant_fqns())
@@ -112,7 +112,7 @@ def test_weights_written_in_place_after_loading_are_seen(cached_generation, tiny
     print(f'after the change: largest difference from the changed plain engine {np.abs(got - expected).max()}, '
           f'from the frames before it {np.abs(got - frames).max()}')
     assert np.abs(got - expected).max() <= 1 and np.abs(got - frames).max() >= 10
-    assert [(calls.built, calls.loaded) for calls in precompiled_calls(engine)] == [(0, 1)] * 3
+    assert [(calls.built, calls.loaded) for calls in packaged_calls(engine)] == [(0, 1)] * 3
 
 
 CHILD = r'''
@@ -157,7 +157,7 @@ def test_calls_of_another_kind_get_their_own_artefacts(tiny_model_dir, tiny_engi
         expected = tiny_engine(parse_request({**PROMPT, **extra}, tiny_engine.config, **SMALL)).frames[0]
         print(extra, 'largest difference from the plain engine:', np.abs(got - expected).max())
         assert np.abs(got - expected).max() <= 1
-    unet, text_encoder, decoder = precompiled_calls(engine)
+    unet, text_encoder, decoder = packaged_calls(engine)
     assert (unet.built, text_encoder.built, decoder.built) == (3, 2, 1)   # the text encoder: 2 prompts or 1
     assert len(os.listdir(tmp_path)) == 6
 
@@ -257,6 +257,6 @@ def test_after_stop_compiling_new_kinds_run_eager_and_known_ones_still_load(tiny
             assert np.abs(got - expected).max() <= 1
     finally:
         torch.compiler.set_stance('default')
-    counts = [(calls.built, calls.loaded) for calls in precompiled_calls(engine)]
+    counts = [(calls.built, calls.loaded) for calls in packaged_calls(engine)]
     print('built, loaded (UNet, text encoder, decoder):', counts)
     assert counts == [(0, 1), (0, 1), (0, 1)] and len(os.listdir(tmp_path)) == 3
