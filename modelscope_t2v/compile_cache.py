@@ -6,8 +6,8 @@ which are None, the network's trace_state()) is exported once (torch.export, non
 inductor with MODE's options into a package: one .pt2 file in the folder, holding the shared library and its
 kernels. A later call of that kind, in this process or another on this machine, loads the file: no tracing, no
 guards, no lowering. Where MODE has CUDA graphs, each kind is captured once and replayed (cuda_graphs.GraphedCall).
-torch.export and AOTInductor's packages are in torch from 2.6 on: the cache serves the GPU machine's 2.11 as well
-as 2.14.
+torch.export and AOTInductor's packages are in torch from 2.6 on. On CUDA, TextToVideo refuses the cache for now:
+on an H100 with torch 2.11 loading a package killed the process (docs/benchmarks.md, start-up); the CPU runs it.
 
 A trace freezes every Python-side choice of forward. The file's name is a hash of all that can change one: the
 call's kind, the structure of the network's parameters and buffers (names, shapes, dtypes, strides), the source
@@ -76,6 +76,9 @@ class PackagedCalls(CallsByKind):
         self.folder = folder
         self.graphs = bool(options.get('triton.cudagraphs'))
         self.options = {key: value for key, value in options.items() if key != 'triton.cudagraphs'}
+        # Tune kernels on the call's own tensors, not on made-up ones: those give the text encoder's embedding
+        # lookup out-of-range token ids, a device-side assert during the build (pytorch/pytorch#192143).
+        self.options['triton.autotune_at_compile_time'] = False
         self.built = self.loaded = 0   # packages, for tests and logs
         self.builds = True   # False: a kind with no package on disk runs eager (TextToVideo.stop_compiling)
 

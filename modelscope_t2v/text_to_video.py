@@ -108,6 +108,7 @@ class TextToVideo:
         """
         check_compile_options(compile, compile_cache, cuda_graphs)   # bad values are refused before loading
         device, dtype = default_device_and_dtype(device, dtype)
+        check_compile_cache_device(compile_cache, device)
         folder = model_folder.open_folder(model_dir, base_model, half=dtype in HALF_DTYPES)
         if half_cache and dtype in HALF_DTYPES:
             cache_dir = None if half_cache is True else half_cache
@@ -125,6 +126,7 @@ class TextToVideo:
                       compile_cache: bool | str = False, cuda_graphs: bool = False) -> 'TextToVideo':
         """An engine over (text encoder, UNet, autoencoder) already built; options as from_pretrained's."""
         check_compile_options(compile, compile_cache, cuda_graphs)
+        check_compile_cache_device(compile_cache, default_device_and_dtype(device, dtype)[0])
         engine = cls(config, *networks, model_dir=model_dir, device=device, dtype=dtype, low_memory=low_memory)
         mode = compile_mode(compile)
         if engine.device.type == 'cuda' and mode:
@@ -143,6 +145,7 @@ class TextToVideo:
         graphs = compile_options(mode).get('triton.cudagraphs') and not self.low_memory
         decoder_options = compile_options('reduce-overhead' if graphs else 'default')
         if compile_cache:
+            check_compile_cache_device(compile_cache, self.device)
             cache = CompileCache(None if compile_cache is True else os.fspath(compile_cache))
             cache.compile(self.unet.to_channels_last(), compile_options(mode))
             self.autoencoder.compile_decoder(decoder_options, compile=cache.compile)
@@ -565,6 +568,15 @@ def check_compile_cache(compile_cache) -> None:
     if compile_cache is not False and not hasattr(importlib.import_module('torch._inductor'), 'aoti_load_package'):
         raise ValueError(f"compile_cache={compile_cache!r} needs AOTInductor's packages, new in torch 2.6; this "
                          f'torch is {torch.__version__}: compile without compile_cache, or upgrade torch')
+
+
+def check_compile_cache_device(compile_cache, device: torch.device) -> None:
+    """compile_cache is refused on CUDA: there, on the one GPU it has met (an H100, torch 2.11), loading its
+    packages killed the process (a segmentation fault in AOTInductor's loader; docs/benchmarks.md, start-up)."""
+    if compile_cache is not False and device.type == 'cuda':
+        raise ValueError(f"compile_cache={compile_cache!r} is not available on CUDA: loading its AOTInductor "
+                         f"packages crashed the process on an H100 (torch 2.11). Use compile='reduce-overhead' "
+                         f"(a second process reuses inductor's caches) or cuda_graphs=True")
 
 
 def compile_options(mode: str) -> dict:

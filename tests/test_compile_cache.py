@@ -8,6 +8,7 @@ import copy
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -226,6 +227,18 @@ def test_bad_compile_cache_is_refused_before_loading(tmp_path, value, error, mes
         open(value, 'w').close()
     with pytest.raises(error, match=message):
         TextToVideo.from_pretrained(str(tmp_path / 'no-model-here'), compile_cache=value)
+
+
+@pytest.mark.parametrize('value', [True, 'FOLDER'])
+def test_compile_cache_on_cuda_is_refused_before_loading(tmp_path, value):
+    """On the GPU its packages crashed the process when loaded (compile_cache.py): a ValueError before any loading,
+    on a machine with or without a GPU, through from_pretrained and from_networks."""
+    value = str(tmp_path) if value == 'FOLDER' else value
+    message = rf"compile_cache={re.escape(repr(value))} is not available on CUDA: .* Use compile='reduce-overhead'"
+    with pytest.raises(ValueError, match=message):
+        TextToVideo.from_pretrained(str(tmp_path / 'no-model-here'), device='cuda', compile=True, compile_cache=value)
+    with pytest.raises(ValueError, match=message):
+        TextToVideo.from_networks(None, None, device='cuda', compile=True, compile_cache=value)
 
 
 def test_compile_cache_needs_no_precompile_and_a_torch_without_aoti_packages_is_refused(tmp_path, monkeypatch):
