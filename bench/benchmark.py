@@ -254,8 +254,8 @@ def parse_args(argv):
                         help='comma list of: startup, eager, memory, graphs, compile, fp32, builtin, diffusers')
     parser.add_argument('--compile-modes', default='reduce-overhead', help='torch.compile modes, comma separated')
     parser.add_argument('--compile-cache', action='store_true',
-                        help="compiled rows through compile_cache=True (inductor's cache folder): AOTInductor "
-                             'packages, CUDA graphs captured by hand')
+                        help="compiled rows through compile_cache=True (inductor's cache folder): "
+                             "standalone_compile artefacts, CUDA graphs captured by hand")
     args = parser.parse_args(argv)
     args.frames, args.height, args.width, args.sampler, args.steps, args.strength = WORKLOADS[args.workload]
     return args

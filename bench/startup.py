@@ -11,8 +11,8 @@ two runs on one machine do. Each row also gives torch.compile's own timers (seco
 more: tracing, inductor, cache loads); what they leave of the first video is CUDA-graph recording and running.
 
 On the CPU (--device cpu, a dry run; torch.compile's 'default' mode) the engine compiles as on CUDA.
---compile-cache loads with compile_cache=True (compile_cache.py: AOTInductor packages in the inductor cache
-folder, no tracing in a warm process); each row then counts the packages built and loaded. --cuda-graphs loads
+--compile-cache loads with compile_cache=True (compile_cache.py: standalone_compile artefacts in the inductor
+cache folder, no tracing in a warm process); each row then counts the artefacts built and loaded. --cuda-graphs loads
 with cuda_graphs=True instead of compiling (cuda_graphs.py: the eager networks replayed from CUDA graphs).
 --half-cache reads the weights from a half-precision copy in the cache folder (written by the first process).
 After its timings each process makes the first video again with an uncompiled engine: the largest uint8

@@ -69,9 +69,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--compile-cache', action='store_true',
                        help='--compile, keeping the compiled networks on disk in the compiler cache folder '
                             '($TORCHINDUCTOR_CACHE_DIR, default in the system temp folder), so that later runs on '
-                            'this machine load them instead of compiling again (AOTInductor packages; a new '
-                            'video size compiles once more). Refused on CUDA for now: loading the packages '
-                            'crashed the process on an H100 with torch 2.11 (docs/benchmarks.md)')
+                            'this machine load them instead of compiling again (inductor\'s standalone_compile '
+                            'artefacts; a new video size compiles once more). Refused on CUDA for now: the '
+                            'artefacts have not yet been run on a GPU (docs/benchmarks.md)')
     group.add_argument('--cuda-graphs', action=argparse.BooleanOptionalAction, default=None,
                        help='replay the uncompiled networks from CUDA graphs of their own kernels, captured on the '
                             'first video of each size (a second or so): the default whenever they are not compiled '

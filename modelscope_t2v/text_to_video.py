@@ -23,7 +23,7 @@ from einops import rearrange
 
 from . import config as config_lib
 from . import model_folder, tokenizer, video_io
-from .compile_cache import CompileCache, PackagedCalls
+from .compile_cache import CompileCache, CachedCalls
 from .cuda_graphs import capture_calls
 from .half_cache import HALF_DTYPES, load_networks_cached
 from .lora.apply import LoraStack
@@ -141,7 +141,7 @@ class TextToVideo:
         `mode` too, unless low_memory (a CUDA graph would record again each time its weights come back from
         the CPU); the autoencoder's decoder in mode 'reduce-overhead' where `mode` has CUDA graphs and not
         low_memory, else in mode 'default'. Checkpoint keys are unchanged. With compile_cache, each network's
-        calls run through AOTInductor packages kept on disk instead (compile_cache.py)."""
+        calls run through compiled artefacts kept on disk instead (compile_cache.py)."""
         graphs = compile_options(mode).get('triton.cudagraphs') and not self.low_memory
         decoder_options = compile_options('reduce-overhead' if graphs else 'default')
         if compile_cache:
@@ -173,7 +173,7 @@ class TextToVideo:
         torch.compiler.set_stance('eager_on_recompile')
         for network in (self.unet, self.text_encoder, self.autoencoder.decoder):
             calls = getattr(network, '_compiled_call_impl', None)
-            if isinstance(calls, PackagedCalls):
+            if isinstance(calls, CachedCalls):
                 calls.builds = False
 
     @torch.no_grad()
@@ -559,24 +559,25 @@ def check_compile_options(compile, compile_cache, cuda_graphs) -> None:
 
 
 def check_compile_cache(compile_cache) -> None:
-    """from_pretrained's compile_cache: False, True or a folder's path, where this torch has AOTInductor."""
+    """from_pretrained's compile_cache: False, True or a folder's path, where this torch has inductor's
+    standalone_compile."""
     if not isinstance(compile_cache, (bool, str, os.PathLike)):
         raise TypeError(f'compile_cache={compile_cache!r} is not True, False or a folder\'s path')
     if isinstance(compile_cache, (str, os.PathLike)) and os.path.exists(compile_cache) \
             and not os.path.isdir(compile_cache):
         raise ValueError(f'compile_cache={os.fspath(compile_cache)!r} is a file, not a folder')
-    if compile_cache is not False and not hasattr(importlib.import_module('torch._inductor'), 'aoti_load_package'):
-        raise ValueError(f"compile_cache={compile_cache!r} needs AOTInductor's packages, new in torch 2.6; this "
-                         f'torch is {torch.__version__}: compile without compile_cache, or upgrade torch')
+    if compile_cache is not False and not hasattr(importlib.import_module('torch._inductor'), 'standalone_compile'):
+        raise ValueError(f"compile_cache={compile_cache!r} needs inductor's standalone_compile, new in torch 2.8; "
+                         f'this torch is {torch.__version__}: compile without compile_cache, or upgrade torch')
 
 
 def check_compile_cache_device(compile_cache, device: torch.device) -> None:
-    """compile_cache is refused on CUDA: there, on the one GPU it has met (an H100, torch 2.11), loading its
-    packages killed the process (a segmentation fault in AOTInductor's loader; docs/benchmarks.md, start-up)."""
+    """compile_cache is refused on CUDA until its artefacts have run on a GPU: they are measured on the CPU only
+    (docs/benchmarks.md, start-up)."""
     if compile_cache is not False and device.type == 'cuda':
-        raise ValueError(f"compile_cache={compile_cache!r} is not available on CUDA: loading its AOTInductor "
-                         f"packages crashed the process on an H100 (torch 2.11). Use compile='reduce-overhead' "
-                         f"(a second process reuses inductor's caches) or cuda_graphs=True")
+        raise ValueError(f"compile_cache={compile_cache!r} is not available on CUDA: its compiled artefacts have "
+                         f"not yet been run on a GPU. Use compile='reduce-overhead' (a second process reuses "
+                         f"inductor's caches) or cuda_graphs=True")
 
 
 def compile_options(mode: str) -> dict:

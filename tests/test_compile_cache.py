@@ -1,7 +1,7 @@
-"""compile_cache: networks compiled to disk (AOTInductor packages), then loaded by a later engine or process.
+"""compile_cache: networks compiled to disk (inductor's standalone_compile), then loaded by a later engine or process.
 
 On the CPU with inductor's C++ backend; the CUDA-graph replay (cuda_graphs.GraphedCall) cannot run here. Tests of
-the cache's mechanics use eager packages (the exported program run as traced: seconds, not minutes).
+the cache's mechanics use eager artefacts (the exported program run as traced: seconds, not minutes).
 """
 
 import copy
@@ -32,42 +32,53 @@ NETWORKS = ('unet', 'text_encoder', 'autoencoder.decoder')
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def packaged_calls(engine) -> list:
-    """The PackagedCalls of the engine's three networks."""
+def cached_calls(engine) -> list:
+    """The CachedCalls of the engine's three networks."""
     return [engine.unet._compiled_call_impl, engine.text_encoder._compiled_call_impl,
             engine.autoencoder.decoder._compiled_call_impl]
 
 
-class EagerPackages:
-    """torch._inductor's package functions with the exported program run as traced, not lowered: kept in memory,
-    its package file a stand-in that names it (serializing the program would take longer than exporting it)."""
+class EagerArtefact:
+    """A compiled artefact whose program runs as traced, not lowered: its file a stand-in that names it."""
+
+    def __init__(self, artefacts: 'EagerArtefacts', graph: torch.fx.GraphModule):
+        self.artefacts, self.graph = artefacts, graph
+
+    def save(self, path, format):
+        name = f'eager artefact {len(self.artefacts.graphs)}'.encode()
+        self.artefacts.graphs[name] = self.graph
+        with open(path, 'wb') as f:
+            f.write(name)
+
+
+class EagerArtefacts:
+    """torch._inductor's standalone_compile and CompiledArtifact.load with the exported program run as traced: kept
+    in memory (serializing the program would take longer than exporting it)."""
 
     def __init__(self):
-        self.programs = {}
+        self.graphs = {}
 
-    def aoti_compile_and_package(self, exported, package_path, inductor_configs):
-        name = f'eager package {len(self.programs)}'.encode()
-        self.programs[name] = exported
-        package_path.write(name)
+    def standalone_compile(self, graph, example_inputs, dynamic_shapes, options):
+        return EagerArtefact(self, graph)
 
-    def aoti_load_package(self, path, run_single_threaded):
+    def load(self, path, format):
         with open(path, 'rb') as f:
             name = f.read()
-        if name not in self.programs:
-            raise RuntimeError(f'{path} is not an eager package of this test')
-        return self.programs[name].module()
+        if name not in self.graphs:
+            raise RuntimeError(f'{path} is not an eager artefact of this test')
+        return lambda *inputs: list(self.graphs[name](*inputs))
 
 
 @pytest.fixture
-def eager_packages(monkeypatch):
-    packages = EagerPackages()
-    for name in ('aoti_compile_and_package', 'aoti_load_package'):
-        monkeypatch.setattr(torch._inductor, name, getattr(packages, name))
+def eager_artefacts(monkeypatch):
+    artefacts = EagerArtefacts()
+    monkeypatch.setattr(torch._inductor, 'standalone_compile', artefacts.standalone_compile)
+    monkeypatch.setattr(torch._inductor.CompiledArtifact, 'load', staticmethod(artefacts.load))
 
 
 @pytest.fixture(scope='module')
 def cached_generation(tiny_model_dir, tmp_path_factory):
-    """A CPU engine compiled through a compile cache (AOTInductor), its frames and its folder."""
+    """A CPU engine compiled through a compile cache (inductor's standalone_compile), its frames and its folder."""
     folder = str(tmp_path_factory.mktemp('compile-cache'))
     engine = TextToVideo.from_pretrained(tiny_model_dir, device='cpu')
     engine.compile_networks('default', compile_cache=folder)
@@ -83,18 +94,14 @@ def test_cached_engine_generates_the_frames_of_the_plain_engine(cached_generatio
     print(f'cached engine against plain: {np.count_nonzero(difference)} of {difference.size} uint8 values '
           f'differ, by at most {difference.max()}')
     assert frames.shape == (4, 64, 64, 3) and difference.max() <= 1
-    assert [(calls.built, calls.loaded) for calls in packaged_calls(engine)] == [(1, 0)] * 3
+    assert [(calls.built, calls.loaded) for calls in cached_calls(engine)] == [(1, 0)] * 3
     assert sorted(name.split('-')[0] for name in os.listdir(folder)) == ['Decoder', 'OpenCLIPTextEncoder', 'UNet3D']
-    sizes = {name: os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)}
-    constants = [len(torch._inductor.aoti_load_package(os.path.join(folder, name)).get_constant_fqns())
-                 for name in sorted(sizes)]
-    print('package sizes (bytes):', sizes, 'constants in them:', constants)
-    assert constants == [0, 0, 0]   # weights are inputs: none is copied into a package
+    print('artefact sizes (bytes):', {name: os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)})
 
 
 @pytest.mark.slow
 def test_weights_written_in_place_after_loading_are_seen(cached_generation, tiny_model_dir):
-    """A LoRA is written into the weights in place (lora/apply.py): after the packages are loaded, such a change to
+    """A LoRA is written into the weights in place (lora/apply.py): after the artefacts are loaded, such a change to
     the UNet's and the text encoder's weights changes the frames as it changes the plain engine's."""
     _, frames, folder = cached_generation
     engine = TextToVideo.from_pretrained(tiny_model_dir, device='cpu')
@@ -113,7 +120,7 @@ def test_weights_written_in_place_after_loading_are_seen(cached_generation, tiny
     print(f'after the change: largest difference from the changed plain engine {np.abs(got - expected).max()}, '
           f'from the frames before it {np.abs(got - frames).max()}')
     assert np.abs(got - expected).max() <= 1 and np.abs(got - frames).max() >= 10
-    assert [(calls.built, calls.loaded) for calls in packaged_calls(engine)] == [(0, 1)] * 3
+    assert [(calls.built, calls.loaded) for calls in cached_calls(engine)] == [(0, 1)] * 3
 
 
 CHILD = r'''
@@ -148,7 +155,7 @@ def test_a_second_process_loads_the_artefacts_without_tracing(cached_generation,
     assert np.array_equal(np.load(out), frames)
 
 
-def test_calls_of_another_kind_get_their_own_artefacts(tiny_model_dir, tiny_engine, tmp_path, eager_packages):
+def test_calls_of_another_kind_get_their_own_artefacts(tiny_model_dir, tiny_engine, tmp_path, eager_artefacts):
     """Guided (two texts a video) and unguided (one) UNet calls and a temporal window are traced apart; each
     kind's frames are the plain engine's."""
     engine = TextToVideo.from_pretrained(tiny_model_dir, device='cpu')
@@ -158,7 +165,7 @@ def test_calls_of_another_kind_get_their_own_artefacts(tiny_model_dir, tiny_engi
         expected = tiny_engine(parse_request({**PROMPT, **extra}, tiny_engine.config, **SMALL)).frames[0]
         print(extra, 'largest difference from the plain engine:', np.abs(got - expected).max())
         assert np.abs(got - expected).max() <= 1
-    unet, text_encoder, decoder = packaged_calls(engine)
+    unet, text_encoder, decoder = cached_calls(engine)
     assert (unet.built, text_encoder.built, decoder.built) == (3, 2, 1)   # the text encoder: 2 prompts or 1
     assert len(os.listdir(tmp_path)) == 6
 
@@ -196,7 +203,7 @@ def test_artefact_names_follow_what_a_trace_freezes(tmp_path, monkeypatch):
 
 
 def test_unreadable_artefact_is_compiled_again(tmp_path, caplog, monkeypatch):
-    """A damaged file is replaced by a new build, with a warning naming it; no temporary file stays. AOTInductor
+    """A damaged file is replaced by a new build, with a warning naming it; no temporary file stays. Inductor
     itself, on a torch without torch.compiler.precompile (as the GPU machine's 2.11)."""
     monkeypatch.delattr(torch.compiler, 'precompile', raising=False)
     network = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).eval()
@@ -231,8 +238,8 @@ def test_bad_compile_cache_is_refused_before_loading(tmp_path, value, error, mes
 
 @pytest.mark.parametrize('value', [True, 'FOLDER'])
 def test_compile_cache_on_cuda_is_refused_before_loading(tmp_path, value):
-    """On the GPU its packages crashed the process when loaded (compile_cache.py): a ValueError before any loading,
-    on a machine with or without a GPU, through from_pretrained and from_networks."""
+    """Its artefacts have not run on a GPU yet (text_to_video.check_compile_cache_device): a ValueError before any
+    loading, on a machine with or without a GPU, through from_pretrained and from_networks."""
     value = str(tmp_path) if value == 'FOLDER' else value
     message = rf"compile_cache={re.escape(repr(value))} is not available on CUDA: .* Use compile='reduce-overhead'"
     with pytest.raises(ValueError, match=message):
@@ -241,20 +248,20 @@ def test_compile_cache_on_cuda_is_refused_before_loading(tmp_path, value):
         TextToVideo.from_networks(None, None, device='cuda', compile=True, compile_cache=value)
 
 
-def test_compile_cache_needs_no_precompile_and_a_torch_without_aoti_packages_is_refused(tmp_path, monkeypatch):
+def test_compile_cache_needs_no_precompile_and_a_torch_without_standalone_compile_is_refused(tmp_path, monkeypatch):
     """torch 2.11 (the GPU machine's) has no torch.compiler.precompile, which the cache does not use: accepted. A
-    torch before 2.6 has no AOTInductor packages: say so before loading, not an AttributeError minutes into the
+    torch before 2.8 has no standalone_compile: say so before loading, not an AttributeError minutes into the
     first video."""
     monkeypatch.delattr(torch.compiler, 'precompile', raising=False)
     assert check_compile_cache(True) is None and check_compile_cache(str(tmp_path)) is None
-    monkeypatch.delattr(torch._inductor, 'aoti_load_package')
-    with pytest.raises(ValueError, match=r"compile_cache=True needs AOTInductor's packages, new in torch 2\.6; "
+    monkeypatch.delattr(torch._inductor, 'standalone_compile')
+    with pytest.raises(ValueError, match=r"compile_cache=True needs inductor's standalone_compile, new in torch 2\.8; "
                                          r"this torch is 2\.\d+"):
         TextToVideo.from_pretrained(str(tmp_path / 'no-model-here'), compile_cache=True)
 
 
 def test_after_stop_compiling_new_kinds_run_eager_and_known_ones_still_load(tiny_model_dir, tiny_engine, tmp_path,
-                                                                            eager_packages):
+                                                                            eager_artefacts):
     """TextToVideo.stop_compiling (the demo after its warm-up): a kind with an artefact on disk loads, a new one
     runs the network as it is, and nothing is built."""
     first = TextToVideo.from_pretrained(tiny_model_dir, device='cpu')
@@ -270,6 +277,6 @@ def test_after_stop_compiling_new_kinds_run_eager_and_known_ones_still_load(tiny
             assert np.abs(got - expected).max() <= 1
     finally:
         torch.compiler.set_stance('default')
-    counts = [(calls.built, calls.loaded) for calls in packaged_calls(engine)]
+    counts = [(calls.built, calls.loaded) for calls in cached_calls(engine)]
     print('built, loaded (UNet, text encoder, decoder):', counts)
     assert counts == [(0, 1), (0, 1), (0, 1)] and len(os.listdir(tmp_path)) == 3
