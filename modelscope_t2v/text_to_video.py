@@ -23,7 +23,7 @@ from einops import rearrange
 
 from . import config as config_lib
 from . import model_folder, tokenizer, video_io
-from .compile_cache import CompileCache, CachedCalls
+from .compile_cache import CachedCalls, CompileCache
 from .cuda_graphs import capture_calls
 from .half_cache import HALF_DTYPES, load_networks_cached
 from .lora.apply import LoraStack
