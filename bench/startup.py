@@ -11,8 +11,9 @@ two runs on one machine do. Each row also gives torch.compile's own timers (seco
 more: tracing, inductor, cache loads); what they leave of the first video is CUDA-graph recording and running.
 
 On the CPU (--device cpu, a dry run; torch.compile's 'default' mode) the engine compiles as on CUDA.
---compile-cache loads with compile_cache=True (compile_cache.py: standalone_compile artefacts in the inductor
-cache folder, no tracing in a warm process); each row then counts the artefacts built and loaded. --cuda-graphs loads
+--compile-cache loads with compile_cache=True (compile_cache.py: standalone_compile artefacts of the networks'
+blocks in the inductor cache folder, built in parallel processes; no tracing in a warm process); each row then
+counts the blocks' kinds of call built and loaded. --cuda-graphs loads
 with cuda_graphs=True instead of compiling (cuda_graphs.py: the eager networks replayed from CUDA graphs).
 --half-cache reads the weights from a half-precision copy in the cache folder (written by the first process).
 After its timings each process makes the first video again with an uncompiled engine: the largest uint8
@@ -43,6 +44,7 @@ options, device, steps = json.loads(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 import numpy as np
 import torch
 from modelscope_t2v import TextToVideo, parse_request
+from modelscope_t2v.compile_cache import artefact_counts
 imported = time.time()
 sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
 engine = TextToVideo.from_pretrained(sys.argv[1], device=device, **options)
@@ -59,8 +61,7 @@ graphs = dict(counters['stats'])
 engine(request); sync()
 second = time.time()
 networks = {'unet': engine.unet, 'text_encoder': engine.text_encoder, 'decoder': engine.autoencoder.decoder}
-precompiled = {name: [network._compiled_call_impl.built, network._compiled_call_impl.loaded]
-               for name, network in networks.items() if options['compile_cache']}
+precompiled = {name: artefact_counts(network) for name, network in networks.items() if options['compile_cache']}
 plain = TextToVideo.from_pretrained(sys.argv[1], device=device)(request).frames[0].astype(np.float64)
 psnr = 10 * np.log10(255 ** 2 / max(np.mean((frames - plain) ** 2), 1e-12))
 print(json.dumps({'import_s': imported - started, 'load_s': loaded - imported, 'first_video_s': first - loaded,

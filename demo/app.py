@@ -161,8 +161,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="--compile's torch.compile mode (default: %(default)s)")
     parser.add_argument('--compile-cache', action='store_true',
                         help='--compile, keeping the compiled networks on disk: a restart loads them instead of '
-                             'compiling again (TextToVideo.from_pretrained compile_cache=True). Refused on CUDA for '
-                             'now: its artefacts have not yet been run on a GPU')
+                             'compiling again (TextToVideo.from_pretrained compile_cache=True)')
     parser.add_argument('--cuda-graphs', action=argparse.BooleanOptionalAction, default=None,
                         help='replay the uncompiled networks from CUDA graphs of their own kernels, captured on the '
                              'first request of each shape (a second or so): the default without --compile '

@@ -60,10 +60,11 @@ EXAMPLE = ('prompts.jsonl:  {"text": "A panda eating bamboo on a rock.", "seed":
            'N GPUs:         torchrun --nproc-per-node N -m modelscope_t2v.batch prompts.jsonl --out videos')
 
 
-# Compiling pays back from about this many videos of one shape: on an H100 its start-up (187 s cold) is 165 s
-# more than that of the uncompiled networks under CUDA graphs (22 s), and it then saves 1.07 s a default video
-# (on an H200, compiled 1.30 s against 2.37 s; docs/benchmarks.md); each shape compiles anew.
-COMPILE_PAYS_BACK_AFTER = 160
+# Compiling through the compile cache pays back from about this many videos of one shape: on an H100 its cold
+# start-up (70 s) is 48 s more than that of the uncompiled networks under CUDA graphs (22 s), and it then saves
+# 1.07 s a default video (on an H200, compiled 1.30 s against 2.37 s; docs/benchmarks.md); each shape compiles
+# anew, once a machine (a later job loads it: 11-12 s).
+COMPILE_PAYS_BACK_AFTER = 45
 
 
 @dataclass
@@ -356,7 +357,9 @@ def run_items(args, items: List[Item], done: Dict[int, dict], ranks: Ranks, dirs
     counts = {'made': 0, 'failed': 0}
     if not todo:  # the model is loaded once, and only when there is work
         return [0, len(mine), 0]
+    decided = args.compile is None
     args.compile = compile_pays_back(args, todo)
+    args.compile_cache = args.compile_cache or (decided and args.compile)   # its own choice keeps what it compiles
     pipe = load_pipeline(argparse.Namespace(**{**vars(args), 'model': dirs[0], 'base_model': dirs[1]}))
 
     def finish(item: Item, writing: Future) -> None:
@@ -385,15 +388,16 @@ def run_items(args, items: List[Item], done: Dict[int, dict], ranks: Ranks, dirs
 
 
 def compile_pays_back(args, todo: List[Item]) -> bool:
-    """--compile or --no-compile as given; without either, compile on CUDA when this rank has at least
-    COMPILE_PAYS_BACK_AFTER videos for each shape (frames, height, width) among its lines. Says which on stderr."""
+    """--compile or --no-compile as given; without either, compile (through the compile cache: run_items) on CUDA
+    when this rank has at least COMPILE_PAYS_BACK_AFTER videos for each shape (frames, height, width) among its
+    lines. Says which on stderr."""
     from .pipeline import torch_device
     if args.compile is not None or torch_device(args.device).type != 'cuda':
         return bool(args.compile)
     shapes = {(i.request.num_frames, i.request.height, i.request.width) for i in todo}
     enough = len(todo) >= COMPILE_PAYS_BACK_AFTER * len(shapes)
     print(f'modelscope-t2v batch: {len(todo)} videos in {len(shapes)} shape(s): '
-          + ('compiling pays back, compiling' if enough else
+          + ('compiling pays back, compiling (kept in the compile cache for later jobs)' if enough else
              f'not compiling (it pays back from about {COMPILE_PAYS_BACK_AFTER} videos a shape; --compile forces it)'),
           file=sys.stderr)
     return enough

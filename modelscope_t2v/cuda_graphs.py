@@ -8,7 +8,7 @@ attribute nn.Module.compile sets, so the network keeps its type, attributes and 
 capture_calls(network) (from_pretrained's cuda_graphs=True) replays the network's own eager kernels: each kind of
 call on a GPU is run twice, captured in a CUDA graph, then replayed. The results are eager's; what goes is the
 host's time to launch each of the step's kernels, for a capture of seconds instead of torch.compile's minutes.
-compile_cache.py replays its packaged calls the same way.
+compile_cache.py captures a network's calls the same way, around its compiled blocks.
 
 A replay reads the static copies of its inputs, and the parameters and buffers where they were at the capture:
 parameters must stay where they are (LoRAs are written into them in place, lora/apply.py); a buffer that was
@@ -25,36 +25,47 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 logger = logging.getLogger(__name__)
 
 
 def call_kind(arguments: list, state: tuple) -> tuple:
-    """What a trace or capture of one call depends on besides its tensors' values: forward's arguments, positional,
-    a tensor by its (shape, dtype, stride, device), and the network's trace_state(). Hashable: the key of its call."""
-    return tuple(describe(value) for value in arguments) + (('state', state),)
+    """What a trace or capture of one call depends on besides its tensors' values: forward's arguments, positional
+    and flattened (torch's pytree: dataclasses such as Conditioning, registered, open into their fields), a tensor by
+    its (shape, dtype, stride, device), and the network's trace_state(). Hashable: the key of its call."""
+    leaves, structure = tree_flatten(arguments)
+    return (str(structure),) + tuple(describe(value) for value in leaves) + (('state', state),)
 
 
 def describe(value) -> tuple:
     """A call argument as its kind: a tensor by layout (its values are the call's input), others by value."""
     if isinstance(value, torch.Tensor):
         return 'tensor', tuple(value.shape), str(value.dtype), value.stride(), str(value.device)
-    if value is None or isinstance(value, (bool, int, float, str, tuple)):
+    if value is None or isinstance(value, (bool, int, float, str)):
         return 'value', value
-    raise TypeError(f'a call by kind takes tensors, None, numbers, strings and tuples; got {type(value).__name__}')
+    raise TypeError(f'a call by kind takes tensors, None, numbers, strings and pytrees of them; got '
+                    f'{type(value).__name__}')
+
+
+def call_tensors(arguments: list) -> List[torch.Tensor]:
+    """The tensors among the arguments' flattened leaves, in order: a call's inputs."""
+    return [value for value in tree_flatten(arguments)[0] if isinstance(value, torch.Tensor)]
 
 
 def frozen_call(arguments: list) -> Callable:
-    """call(network, *tensors): network.forward with these arguments, the tensors in place of theirs (in order),
-    without autograd. What a trace or a capture of one kind of call runs: the other arguments are frozen in it."""
-    positions = [i for i, value in enumerate(arguments) if isinstance(value, torch.Tensor)]
+    """call(network, *tensors): network.forward with these arguments, the tensors in place of theirs (in
+    call_tensors order), without autograd. What a trace or a capture of one kind of call runs: the other arguments
+    are frozen in it."""
+    leaves, structure = tree_flatten(arguments)
+    positions = [i for i, value in enumerate(leaves) if isinstance(value, torch.Tensor)]
 
     def call(network, *tensors):
-        filled = list(arguments)
+        filled = list(leaves)
         for i, tensor in zip(positions, tensors):
             filled[i] = tensor
         with torch.no_grad():
-            return network.forward(*filled)
+            return network.forward(*tree_unflatten(filled, structure))
     return call
 
 
@@ -62,8 +73,9 @@ class CallsByKind:
     """A network's calls, each kind prepared once by prepare(kind, arguments, tensors) and then called with the
     call's tensors."""
 
-    def __init__(self, network: nn.Module):
+    def __init__(self, network: nn.Module, state: Callable[[], tuple] | None = None):
         self.network = network
+        self.state = state or getattr(network, 'trace_state', tuple)   # a region's is its network's
         self.signature = inspect.signature(network.forward)
         self.calls: Dict[tuple, Callable] = {}   # call_kind -> its call
         self.pool = None   # one CUDA graph memory pool for the network's graphs, which never run at once
@@ -72,8 +84,8 @@ class CallsByKind:
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
         arguments = list(bound.arguments.values())
-        tensors = [value for value in arguments if isinstance(value, torch.Tensor)]
-        kind = call_kind(arguments, getattr(self.network, 'trace_state', tuple)())
+        tensors = call_tensors(arguments)
+        kind = call_kind(arguments, self.state())
         call = self.calls.get(kind)
         if call is None:
             call = self.calls[kind] = self.prepare(kind, arguments, tensors)

@@ -115,4 +115,5 @@ def make_scheduler(sampler, diffusion: DiffusionConfig, num_steps: int | None = 
     cls = getattr(importlib.import_module('diffusers'), class_name)
     spacing = ({} if num_steps is None or sampler == 'lcm'
                else schedule_spacing(class_name, num_steps, diffusion.num_timesteps))
-    return cls.from_config({**training_schedule(diffusion), **extra, **spacing})
+    # the constructor, not from_config: that one first imports every compatible scheduler (a second at start-up)
+    return cls(**{**training_schedule(diffusion), **extra, **spacing})

@@ -23,7 +23,7 @@ from einops import rearrange
 
 from . import config as config_lib
 from . import model_folder, tokenizer, video_io
-from .compile_cache import CachedCalls, CompileCache
+from .compile_cache import CompileCache, compiled_calls
 from .cuda_graphs import capture_calls
 from .half_cache import HALF_DTYPES, load_networks_cached
 from .lora.apply import LoraStack
@@ -80,6 +80,7 @@ class TextToVideo:
         self._lock = threading.Lock()        # held by the running generation (generating()) and by LoRA changes
         self._generating_thread = None       # the thread that holds it
         self.loras = LoraStack(lambda: {'unet': self.unet, 'text': self.text_encoder})   # lora/apply.py
+        self.compile_cache = None            # its CompileCache, where compile_networks uses one
 
     @classmethod
     def from_pretrained(cls, model_dir: str, device=None, dtype=None, compile: bool | str = False,
@@ -108,7 +109,6 @@ class TextToVideo:
         """
         check_compile_options(compile, compile_cache, cuda_graphs)   # bad values are refused before loading
         device, dtype = default_device_and_dtype(device, dtype)
-        check_compile_cache_device(compile_cache, device)
         folder = model_folder.open_folder(model_dir, base_model, half=dtype in HALF_DTYPES)
         if half_cache and dtype in HALF_DTYPES:
             cache_dir = None if half_cache is True else half_cache
@@ -126,7 +126,6 @@ class TextToVideo:
                       compile_cache: bool | str = False, cuda_graphs: bool = False) -> 'TextToVideo':
         """An engine over (text encoder, UNet, autoencoder) already built; options as from_pretrained's."""
         check_compile_options(compile, compile_cache, cuda_graphs)
-        check_compile_cache_device(compile_cache, default_device_and_dtype(device, dtype)[0])
         engine = cls(config, *networks, model_dir=model_dir, device=device, dtype=dtype, low_memory=low_memory)
         mode = compile_mode(compile)
         if engine.device.type == 'cuda' and mode:
@@ -141,12 +140,11 @@ class TextToVideo:
         `mode` too, unless low_memory (a CUDA graph would record again each time its weights come back from
         the CPU); the autoencoder's decoder in mode 'reduce-overhead' where `mode` has CUDA graphs and not
         low_memory, else in mode 'default'. Checkpoint keys are unchanged. With compile_cache, each network's
-        calls run through compiled artefacts kept on disk instead (compile_cache.py)."""
+        blocks run through compiled artefacts kept on disk instead, built in parallel processes (compile_cache.py)."""
         graphs = compile_options(mode).get('triton.cudagraphs') and not self.low_memory
         decoder_options = compile_options('reduce-overhead' if graphs else 'default')
         if compile_cache:
-            check_compile_cache_device(compile_cache, self.device)
-            cache = CompileCache(None if compile_cache is True else os.fspath(compile_cache))
+            cache = self.compile_cache = CompileCache(None if compile_cache is True else os.fspath(compile_cache))
             cache.compile(self.unet.to_channels_last(), compile_options(mode))
             self.autoencoder.compile_decoder(decoder_options, compile=cache.compile)
             if not self.low_memory:
@@ -172,8 +170,7 @@ class TextToVideo:
         loads and nothing new is built. For servers, after compiling what they serve most (demo/app.py)."""
         torch.compiler.set_stance('eager_on_recompile')
         for network in (self.unet, self.text_encoder, self.autoencoder.decoder):
-            calls = getattr(network, '_compiled_call_impl', None)
-            if isinstance(calls, CachedCalls):
+            for calls in compiled_calls(network):
                 calls.builds = False
 
     @torch.no_grad()
@@ -414,6 +411,8 @@ class TextToVideo:
                 raise NonFiniteError(f'the autoencoder decoded NaN or inf from finite latents ({self.dtype} '
                                      'overflow?); no file was written')
             frames = list(to_uint8_frames(video))
+            if self.compile_cache is not None:   # the artefacts whose builds this video started are ready
+                self.compile_cache.wait()
         if request.output_type == 'frames':
             return GenerationResult(parameters=parameters, frames=frames)
 
@@ -569,15 +568,6 @@ def check_compile_cache(compile_cache) -> None:
     if compile_cache is not False and not hasattr(importlib.import_module('torch._inductor'), 'standalone_compile'):
         raise ValueError(f"compile_cache={compile_cache!r} needs inductor's standalone_compile, new in torch 2.8; "
                          f'this torch is {torch.__version__}: compile without compile_cache, or upgrade torch')
-
-
-def check_compile_cache_device(compile_cache, device: torch.device) -> None:
-    """compile_cache is refused on CUDA until its artefacts have run on a GPU: they are measured on the CPU only
-    (docs/benchmarks.md, start-up)."""
-    if compile_cache is not False and device.type == 'cuda':
-        raise ValueError(f"compile_cache={compile_cache!r} is not available on CUDA: its compiled artefacts have "
-                         f"not yet been run on a GPU. Use compile='reduce-overhead' (a second process reuses "
-                         f"inductor's caches) or cuda_graphs=True")
 
 
 def compile_options(mode: str) -> dict:

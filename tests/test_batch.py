@@ -229,8 +229,8 @@ def test_a_file_that_cannot_be_written_fails_its_line_only(tiny_model_dir, tmp_p
 
 
 @pytest.mark.parametrize('flag, shapes, videos, compiles', [
-    (None, [(16, 256, 256)], 159, False), (None, [(16, 256, 256)], 160, True),
-    (None, [(16, 256, 256), (24, 320, 576)], 319, False), (None, [(16, 256, 256), (24, 320, 576)], 320, True),
+    (None, [(16, 256, 256)], 44, False), (None, [(16, 256, 256)], 45, True),
+    (None, [(16, 256, 256), (24, 320, 576)], 89, False), (None, [(16, 256, 256), (24, 320, 576)], 90, True),
     (True, [(16, 256, 256)], 1, True), (False, [(16, 256, 256)], 1000, False)])
 def test_a_batch_compiles_when_it_pays_back(monkeypatch, capsys, flag, shapes, videos, compiles):
     import torch
@@ -253,3 +253,24 @@ def test_a_batch_on_the_cpu_never_compiles(capsys):
     todo = [SimpleNamespace(request=SimpleNamespace(num_frames=16, height=256, width=256))] * 500
     assert batch.compile_pays_back(SimpleNamespace(compile=None, device='cpu'), todo) is False
     assert capsys.readouterr().err == ''
+
+
+@pytest.mark.parametrize('flags, compiles, keeps', [([], True, True), (['--compile'], True, False),
+                                                    (['--compile-cache'], True, True), (['--no-compile'], False, False)])
+def test_a_batch_that_chooses_to_compile_keeps_it_in_the_compile_cache(tiny_model_dir, tmp_path, monkeypatch,
+                                                                          flags, compiles, keeps):
+    """Its own choice (enough videos a shape) compiles through the compile cache, whose artefacts a later job loads;
+    --compile alone is torch.compile, as asked."""
+    loaded = []
+
+    def load_pipeline(args):
+        loaded.append((args.compile, args.compile_cache))
+        raise RuntimeError('stopped before the model is read')
+
+    monkeypatch.setattr(batch, 'load_pipeline', load_pipeline)
+    monkeypatch.setattr(batch, 'compile_pays_back', lambda args, todo: True if args.compile is None
+                        else bool(args.compile))
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    prompts = write_lines(tmp_path / 'prompts.jsonl', [{'text': 'a panda', 'seed': 1}])
+    assert batch.main([prompts, '--out', str(tmp_path / 'out'), '--model', tiny_model_dir] + flags) != 0
+    assert loaded == [(compiles, keeps)]

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from modelscope_t2v import compile_cache, parse_request
-from modelscope_t2v.compile_cache import CompileCache, artefact_name
+from modelscope_t2v.compile_cache import CompileCache, artefact_counts, artefact_name
 from modelscope_t2v.cuda_graphs import call_kind
 from modelscope_t2v.config import TINY
 from modelscope_t2v.models.unet3d import UNet3D
@@ -32,10 +32,18 @@ NETWORKS = ('unet', 'text_encoder', 'autoencoder.decoder')
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def cached_calls(engine) -> list:
-    """The CachedCalls of the engine's three networks."""
-    return [engine.unet._compiled_call_impl, engine.text_encoder._compiled_call_impl,
-            engine.autoencoder.decoder._compiled_call_impl]
+def networks(engine) -> list:
+    return [engine.unet, engine.text_encoder, engine.autoencoder.decoder]
+
+
+def counts(engine) -> list:
+    """(kinds of call built, loaded) of the blocks of the engine's three networks."""
+    return [artefact_counts(network) for network in networks(engine)]
+
+
+def blocks(engine) -> list:
+    """How many blocks each of the three networks compiles (its compile_regions)."""
+    return [len(network.compile_regions()) for network in networks(engine)]
 
 
 class EagerArtefact:
@@ -71,31 +79,39 @@ class EagerArtefacts:
 
 @pytest.fixture
 def eager_artefacts(monkeypatch):
+    """Eager stand-ins for inductor, built in this process (a worker process would not see them)."""
     artefacts = EagerArtefacts()
+    monkeypatch.setattr(compile_cache, 'default_workers', lambda: 0)
     monkeypatch.setattr(torch._inductor, 'standalone_compile', artefacts.standalone_compile)
     monkeypatch.setattr(torch._inductor.CompiledArtifact, 'load', staticmethod(artefacts.load))
 
 
 @pytest.fixture(scope='module')
 def cached_generation(tiny_model_dir, tmp_path_factory):
-    """A CPU engine compiled through a compile cache (inductor's standalone_compile), its frames and its folder."""
+    """A CPU engine compiled through a compile cache (inductor's standalone_compile), the frames of its first video
+    (each block's first call runs as it is while its build runs), of its second (every call compiled), its folder."""
     folder = str(tmp_path_factory.mktemp('compile-cache'))
     engine = TextToVideo.from_pretrained(tiny_model_dir, device='cpu')
     engine.compile_networks('default', compile_cache=folder)
-    frames = engine(parse_request(PROMPT, engine.config, **SMALL)).frames[0]
-    return engine, frames, folder
+    first = engine(parse_request(PROMPT, engine.config, **SMALL)).frames[0]
+    return engine, first, engine(parse_request(PROMPT, engine.config, **SMALL)).frames[0], folder
 
 
 @pytest.mark.slow
 def test_cached_engine_generates_the_frames_of_the_plain_engine(cached_generation, tiny_engine):
-    engine, frames, folder = cached_generation
+    engine, first, frames, folder = cached_generation
     expected = tiny_engine(parse_request(PROMPT, tiny_engine.config, **SMALL)).frames[0].astype(int)
+    assert np.abs(first.astype(int) - expected).max() <= 1
     difference = np.abs(frames.astype(int) - expected)
     print(f'cached engine against plain: {np.count_nonzero(difference)} of {difference.size} uint8 values '
           f'differ, by at most {difference.max()}')
     assert frames.shape == (4, 64, 64, 3) and difference.max() <= 1
-    assert [(calls.built, calls.loaded) for calls in cached_calls(engine)] == [(1, 0)] * 3
-    assert sorted(name.split('-')[0] for name in os.listdir(folder)) == ['Decoder', 'OpenCLIPTextEncoder', 'UNet3D']
+    assert counts(engine) == [(n, 0) for n in blocks(engine)]
+    kinds = sorted(name.split('-')[0] for name in os.listdir(folder))
+    print('artefacts:', {kind: kinds.count(kind) for kind in kinds})
+    # the UNet's blocks differ (one file each); the text encoder's layers are alike (one file for all)
+    assert kinds.count('UNetBlock') + kinds.count('Downsample') == blocks(engine)[0]
+    assert kinds.count('ResidualAttentionBlock') == 1 and len(kinds) < sum(blocks(engine))
     print('artefact sizes (bytes):', {name: os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)})
 
 
@@ -103,7 +119,7 @@ def test_cached_engine_generates_the_frames_of_the_plain_engine(cached_generatio
 def test_weights_written_in_place_after_loading_are_seen(cached_generation, tiny_model_dir):
     """A LoRA is written into the weights in place (lora/apply.py): after the artefacts are loaded, such a change to
     the UNet's and the text encoder's weights changes the frames as it changes the plain engine's."""
-    _, frames, folder = cached_generation
+    _, _, frames, folder = cached_generation
     engine = TextToVideo.from_pretrained(tiny_model_dir, device='cpu')
     engine.compile_networks('default', compile_cache=folder)
     plain = TextToVideo.from_pretrained(tiny_model_dir, device='cpu')
@@ -120,7 +136,7 @@ def test_weights_written_in_place_after_loading_are_seen(cached_generation, tiny
     print(f'after the change: largest difference from the changed plain engine {np.abs(got - expected).max()}, '
           f'from the frames before it {np.abs(got - frames).max()}')
     assert np.abs(got - expected).max() <= 1 and np.abs(got - frames).max() >= 10
-    assert [(calls.built, calls.loaded) for calls in cached_calls(engine)] == [(0, 1)] * 3
+    assert counts(engine) == [(0, n) for n in blocks(engine)]
 
 
 CHILD = r'''
@@ -128,13 +144,13 @@ import json, sys
 import numpy as np
 from torch._dynamo.utils import counters
 from modelscope_t2v import TextToVideo, parse_request
+from modelscope_t2v.compile_cache import artefact_counts
 model_dir, folder, out, small = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 engine = TextToVideo.from_pretrained(model_dir, device='cpu')
 engine.compile_networks('default', compile_cache=folder)
 np.save(out, engine(parse_request({'text': 'a panda playing the guitar'}, engine.config, **small)).frames[0])
-calls = [engine.unet._compiled_call_impl, engine.text_encoder._compiled_call_impl,
-         engine.autoencoder.decoder._compiled_call_impl]
-print(json.dumps({'built': [c.built for c in calls], 'loaded': [c.loaded for c in calls],
+counts = [artefact_counts(n) for n in (engine.unet, engine.text_encoder, engine.autoencoder.decoder)]
+print(json.dumps({'built': [c[0] for c in counts], 'loaded': [c[1] for c in counts],
                   'dynamo_frames': counters['stats'].get('unique_graphs', 0)}))
 '''
 
@@ -143,7 +159,7 @@ print(json.dumps({'built': [c.built for c in calls], 'loaded': [c.loaded for c i
 def test_a_second_process_loads_the_artefacts_without_tracing(cached_generation, tiny_model_dir, tmp_path):
     """A fresh interpreter on the same folder: every network loaded, none built, dynamo never traces, and the
     frames are the first process's exactly (the same kernels)."""
-    _, frames, folder = cached_generation
+    engine, _, frames, folder = cached_generation
     out = str(tmp_path / 'frames.npy')
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [os.path.dirname(HERE),
                                                                       os.environ.get('PYTHONPATH')]))}
@@ -151,7 +167,7 @@ def test_a_second_process_loads_the_artefacts_without_tracing(cached_generation,
                             env=env, check=True, stdout=subprocess.PIPE, text=True)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     print('second process:', report)
-    assert report == {'built': [0, 0, 0], 'loaded': [1, 1, 1], 'dynamo_frames': 0}
+    assert report == {'built': [0, 0, 0], 'loaded': blocks(engine), 'dynamo_frames': 0}
     assert np.array_equal(np.load(out), frames)
 
 
@@ -165,9 +181,13 @@ def test_calls_of_another_kind_get_their_own_artefacts(tiny_model_dir, tiny_engi
         expected = tiny_engine(parse_request({**PROMPT, **extra}, tiny_engine.config, **SMALL)).frames[0]
         print(extra, 'largest difference from the plain engine:', np.abs(got - expected).max())
         assert np.abs(got - expected).max() <= 1
-    unet, text_encoder, decoder = cached_calls(engine)
-    assert (unet.built, text_encoder.built, decoder.built) == (3, 2, 1)   # the text encoder: 2 prompts or 1
-    assert len(os.listdir(tmp_path)) == 6
+        if extra == {'temporal_window': 2}:
+            files = sorted(os.listdir(tmp_path))
+    unet, text_encoder, decoder = blocks(engine)
+    # each block's kinds (the text encoder's: 2 prompts or 1), built or found built for a block alike; the
+    # repeated first kind builds nothing more
+    assert [built + loaded for built, loaded in counts(engine)] == [3 * unet, 2 * text_encoder, decoder]
+    assert sorted(os.listdir(tmp_path)) == files
 
 
 def test_artefact_names_follow_what_a_trace_freezes(tmp_path, monkeypatch):
@@ -210,17 +230,19 @@ def test_unreadable_artefact_is_compiled_again(tmp_path, caplog, monkeypatch):
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = network(x)
-    outputs, counts = [], []
+    outputs, seen = [], []
     for damage in (False, True, False):
         copied = copy.deepcopy(network)
-        CompileCache(str(tmp_path)).compile(copied, {})
+        cache = CompileCache(str(tmp_path))
+        cache.compile(copied, {})
         if damage:
             (path,) = tmp_path.iterdir()
             path.write_bytes(b'not an artefact')
         with caplog.at_level(logging.WARNING, logger='modelscope_t2v.compile_cache'):
-            outputs.append(copied(x))
-        counts.append((copied._compiled_call_impl.built, copied._compiled_call_impl.loaded))
-    assert counts == [(1, 0), (1, 0), (0, 1)]
+            outputs += [copied(x), copied(x)]   # as it is while its build runs, then the artefact
+        cache.wait()
+        seen.append(artefact_counts(copied))
+    assert seen == [(1, 0), (1, 0), (0, 1)]
     assert any('unreadable' in record.getMessage() and str(path) in record.getMessage() for record in caplog.records)
     assert max(rel_err(output, expected) for output in outputs) < 1e-6
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
@@ -234,18 +256,6 @@ def test_bad_compile_cache_is_refused_before_loading(tmp_path, value, error, mes
         open(value, 'w').close()
     with pytest.raises(error, match=message):
         TextToVideo.from_pretrained(str(tmp_path / 'no-model-here'), compile_cache=value)
-
-
-@pytest.mark.parametrize('value', [True, 'FOLDER'])
-def test_compile_cache_on_cuda_is_refused_before_loading(tmp_path, value):
-    """Its artefacts have not run on a GPU yet (text_to_video.check_compile_cache_device): a ValueError before any
-    loading, on a machine with or without a GPU, through from_pretrained and from_networks."""
-    value = str(tmp_path) if value == 'FOLDER' else value
-    message = rf"compile_cache={re.escape(repr(value))} is not available on CUDA: .* Use compile='reduce-overhead'"
-    with pytest.raises(ValueError, match=message):
-        TextToVideo.from_pretrained(str(tmp_path / 'no-model-here'), device='cuda', compile=True, compile_cache=value)
-    with pytest.raises(ValueError, match=message):
-        TextToVideo.from_networks(None, None, device='cuda', compile=True, compile_cache=value)
 
 
 def test_compile_cache_needs_no_precompile_and_a_torch_without_standalone_compile_is_refused(tmp_path, monkeypatch):
@@ -267,6 +277,7 @@ def test_after_stop_compiling_new_kinds_run_eager_and_known_ones_still_load(tiny
     first = TextToVideo.from_pretrained(tiny_model_dir, device='cpu')
     first.compile_networks('default', compile_cache=str(tmp_path))
     first(parse_request(PROMPT, first.config, **SMALL))   # the guided kind, on disk now
+    files = len(os.listdir(tmp_path))
     engine = TextToVideo.from_pretrained(tiny_model_dir, device='cpu')
     engine.compile_networks('default', compile_cache=str(tmp_path))
     try:
@@ -277,6 +288,58 @@ def test_after_stop_compiling_new_kinds_run_eager_and_known_ones_still_load(tiny
             assert np.abs(got - expected).max() <= 1
     finally:
         torch.compiler.set_stance('default')
-    counts = [(calls.built, calls.loaded) for calls in cached_calls(engine)]
-    print('built, loaded (UNet, text encoder, decoder):', counts)
-    assert counts == [(0, 1), (0, 1), (0, 1)] and len(os.listdir(tmp_path)) == 3
+    print('built, loaded (UNet, text encoder, decoder):', counts(engine), files, 'files')
+    assert counts(engine) == [(0, n) for n in blocks(engine)] and len(os.listdir(tmp_path)) == files
+
+
+class MakesATensor(nn.Module):
+    """A network whose forward makes a tensor: its call cannot be compiled with its tensors as the only inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.linear(x) + torch.tensor([1.0] * 8)
+
+
+SCRIPT = r'''
+import sys
+import torch
+from torch import nn
+from modelscope_t2v.compile_cache import CompileCache
+with open(sys.argv[2], 'a') as f:   # what a script without a main guard does at the top: once, not in each worker
+    f.write('ran\n')
+network = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).eval()
+x = torch.randn(3, 8)
+cache = CompileCache(sys.argv[1], workers=1)
+cache.compile(network, {})
+outputs = [network(x), network(x)]   # as it is while its build runs in the worker, then its artefact
+with torch.no_grad():
+    expected = network._compiled_call_impl.network.forward(x)
+print(max(float((output - expected).abs().max()) for output in outputs), network._compiled_call_impl.built)
+'''
+
+
+def test_a_worker_builds_without_running_the_callers_script_again(tmp_path):
+    """The build runs in a worker process (build_workers.py), not a multiprocessing one, which would first run the
+    calling script again; the artefact computes the network's output."""
+    marker = tmp_path / 'ran.txt'
+    result = subprocess.run([sys.executable, '-c', SCRIPT, str(tmp_path / 'cache'), str(marker)], check=True,
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, 'PYTHONPATH': os.path.dirname(HERE)})
+    difference, built = result.stdout.split()
+    print('largest difference from the network:', difference)
+    assert float(difference) < 1e-5 and built == '1'
+    assert marker.read_text() == 'ran\n' and len(os.listdir(tmp_path / 'cache')) == 1
+
+
+def test_a_build_failing_in_a_worker_names_the_artefact(tmp_path, monkeypatch):
+    monkeypatch.setenv('PYTHONPATH', os.pathsep.join([HERE, os.path.dirname(HERE)]))   # the worker imports this module
+    network, x = MakesATensor(), torch.randn(2, 8)
+    cache = CompileCache(str(tmp_path), workers=1)
+    cache.compile(network, {})
+    network(x)   # as it is, while the worker fails
+    with pytest.raises(RuntimeError, match=r'building .*MakesATensor-\w+\.bin failed: RuntimeError: MakesATensor\.'
+                                           r'forward makes tensors that a compiled call cannot take as inputs'):
+        network(x)
+    assert os.listdir(tmp_path) == []

@@ -162,6 +162,12 @@ class Decoder(nn.Module):
         self.norm_out = _norm(width)
         self.conv_out = _conv3x3(width, config.in_channels)
 
+    def compile_regions(self) -> list:
+        """The blocks compiled one by one ahead of time (compile_cache.py), in parallel."""
+        return [self.mid.block_1, self.mid.attn_1, self.mid.block_2,
+                *(module for level in self.up for module in [*level.block, *level.children()]
+                  if not isinstance(module, nn.ModuleList))]
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = _run_mid(self.mid, self.conv_in(z))
         for level in reversed(self.up):

@@ -103,6 +103,10 @@ class OpenCLIPTextEncoder(nn.Module):
             else:                                   # LayerNorm weights
                 p.fill_(1.0)
 
+    def compile_regions(self) -> list:
+        """The blocks compiled ahead of time (compile_cache.py): all alike, so one is built and each loads it."""
+        return list(self.transformer.resblocks)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         n = self.config.context_length
         if tokens.ndim != 2 or tokens.shape[1] != n:

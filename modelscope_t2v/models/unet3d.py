@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -42,6 +43,10 @@ class Conditioning:
         """(b f, ...) rows shared by the k texts -> (k b f, ...); rows already per text pass unchanged."""
         k = self.emb.shape[0] // x.shape[0]
         return x if k == 1 else torch.cat([x] * k)  # cat keeps channels-last
+
+
+if hasattr(pytree, 'register_dataclass'):   # a UNet block's calls told apart by kind (cuda_graphs.py)
+    pytree.register_dataclass(Conditioning)
 
 
 class InputConv(nn.Conv2d):
@@ -346,6 +351,11 @@ class UNet3D(nn.Module):
         for attention in self.cross_attentions:
             attention.remember_text(context)
         self.remembered_texts = context.shape[0]
+
+    def compile_regions(self) -> list:
+        """The blocks compiled one by one ahead of time (compile_cache.py), in parallel; between them the time
+        embedding, the skips' concatenations and the output head run as they are."""
+        return [*self.input_blocks, self.middle_block, *self.output_blocks]
 
     def trace_state(self) -> tuple:
         """What forward reads besides its arguments and weights, which a trace freezes (compile_cache.py): the
