@@ -68,6 +68,10 @@ class Builder:
         self.builds[path] = future
         return future
 
+    def done(self, path: str) -> bool:
+        """Whether the build of `path` has ended (or was waited for)."""
+        return path not in self.builds or self.builds[path].done()
+
     def wait(self, path: str | None = None) -> None:
         """Wait for the build of `path` (if not waited for already), raising its error; None: for every build
         started, then end the workers, giving back their memory (a later build starts them again)."""

@@ -6,11 +6,12 @@ the decoder's 18 blocks) each take the place of their forward through the attrib
 sets, and what lies between them runs as it is. The first call of each kind of a block (cuda_graphs.call_kind:
 its arguments' shapes, dtypes and strides, the others' values, the network's trace_state()) runs as it is and
 starts the build of its artefact in a pool of processes (artefact_builds.py: exported, then compiled by inductor's
-standalone_compile with MODE's options into one file); its next call waits for that build and loads the file. So
-the blocks of a call compile at once, in parallel, and blocks alike share one file. A later process loads the
-files: no tracing, no guards, no lowering. Where MODE has CUDA graphs, each kind of call of the whole network is
-captured once, its blocks compiled, and replayed (cuda_graphs.EagerGraphs). standalone_compile is in torch from 2.8
-on.
+standalone_compile with MODE's options into one file); it runs so until the build is done, then loads the file.
+So the blocks of all three networks compile at once, in parallel, while the first video is made uncompiled, and
+blocks alike share one file; the generation returns once its builds are done (TextToVideo calls wait()). A later
+process loads the files: no tracing, no guards, no lowering. Where MODE has CUDA graphs, each kind of call of the
+whole network is captured once its blocks are compiled, and replayed (GraphsOverBlocks). standalone_compile is in
+torch from 2.8 on.
 
 A trace freezes every Python-side choice of forward. The file's name is a hash of all that can change one: the
 call's kind, the structure of the block's parameters and buffers (names, shapes, dtypes, strides), the source of
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 
 from .artefact_builds import Builder, default_workers, weight_places
-from .cuda_graphs import CallsByKind, capture_calls, frozen_call
+from .cuda_graphs import CallsByKind, frozen_call
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class CompileCache:
             region._compiled_call_impl = CachedCalls(region, self, options, False, getattr(network, 'trace_state',
                                                                                              None))
         if graphs:
-            capture_calls(network)
+            network._compiled_call_impl = GraphsOverBlocks(network)
 
     def artefact(self, path: str) -> Optional[Callable]:
         """The artefact saved at `path`, loaded once; None when there is none or it cannot be read (then rebuilt)."""
@@ -91,8 +92,7 @@ class CompileCache:
         return self.artefacts[path]
 
     def wait(self) -> None:
-        """Wait for every build started: a generation ends with its networks compiled (without CUDA graphs the
-        decoder's blocks, called once a video, would otherwise wait in the next)."""
+        """Wait for every build started, raising the first error: a generation ends with its networks compiled."""
         self.builder.wait()
 
 
@@ -106,10 +106,11 @@ class CachedCalls(CallsByKind):
         self.cache, self.options, self.graphs = cache, options, graphs
         self.built = self.loaded = 0   # kinds whose artefact was built (here or for a block alike), was on disk
         self.builds = True   # False: a kind with no artefact on disk runs eager (TextToVideo.stop_compiling)
+        self.building = set()   # kinds whose artefact is being built, or built and not yet loaded
 
     def prepare(self, kind: tuple, arguments: list, tensors: List[torch.Tensor]) -> Callable:
         """The call of this kind: the artefact, run directly or replayed from a CUDA graph of it; where there is
-        none, the network as it is, once, while its build runs, then the artefact."""
+        none, the network as it is while its build runs, then the artefact."""
         path = os.path.join(self.cache.folder, artefact_name(self.network, kind, self.options) + '.bin')
         if self.cache.artefact(path) is not None:
             self.loaded += 1
@@ -121,15 +122,15 @@ class CachedCalls(CallsByKind):
             return eager
         self.cache.builder.submit(self.network, arguments, path, self.options)
         self.built += 1
-        first = [True]
+        self.building.add(kind)
 
         def building(*inputs):
-            if first:
-                first.clear()
+            if not self.cache.builder.done(path):
                 return eager(*inputs)
-            self.cache.builder.wait(path)
+            self.cache.builder.wait(path)   # raises the build's error
+            self.building.discard(kind)
             if self.cache.artefact(path) is None:
-                raise RuntimeError(f'compile cache: {path} was built but cannot be loaded')
+                raise RuntimeError(f'compile cache: {path} was not built (its build failed)')
             self.calls[kind] = self.ready(path, list(inputs))
             return self.calls[kind](*inputs)
         return building
@@ -139,6 +140,26 @@ class CachedCalls(CallsByKind):
         run, weights = self.cache.artefact(path), weight_places(self.network)
         compiled = lambda *inputs: run([slots[name] for slots, name in weights], *inputs)  # noqa: E731
         return self.graphed(compiled, tensors, f'compile cache: {path}') if self.graphs else compiled
+
+
+class GraphsOverBlocks(CallsByKind):
+    """A network's calls, each kind replayed from a CUDA graph captured around its compiled blocks once none of
+    them is building any more; until then the call runs as it is, its blocks compiled or not."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__(network)
+        self.blocks = compiled_calls(network)
+
+    def prepare(self, kind: tuple, arguments: list, tensors: List[torch.Tensor]) -> Callable:
+        call = frozen_call(arguments)
+        run = lambda *inputs: call(self.network, *inputs)  # noqa: E731
+
+        def capturing(*inputs):
+            out = run(*inputs)   # the blocks' first calls of a kind start their builds
+            if not any(block.building for block in self.blocks):
+                self.calls[kind] = self.graphed(run, list(inputs), type(self.network).__name__)
+            return out
+        return capturing
 
 
 def compiled_calls(network: nn.Module) -> List[CachedCalls]:
