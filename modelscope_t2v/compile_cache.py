@@ -29,6 +29,7 @@ inductor executes the same way) unless another is given; give only a folder that
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -196,7 +197,13 @@ def artefact_name(network: nn.Module, kind: tuple, options: dict) -> str:
 
 def network_source_hash() -> str:
     """A hash of the package's network sources: a changed forward makes new artefacts."""
+    return source_hash(NETWORK_SOURCES)
+
+
+@functools.lru_cache
+def source_hash(folder: Path) -> str:
+    """A hash of the folder's Python files, read once a process (each block's artefact name needs it)."""
     digest = hashlib.sha256()
-    for path in sorted(NETWORK_SOURCES.glob('*.py')):
+    for path in sorted(folder.glob('*.py')):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()

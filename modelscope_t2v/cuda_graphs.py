@@ -34,7 +34,11 @@ def call_kind(arguments: list, state: tuple) -> tuple:
     """What a trace or capture of one call depends on besides its tensors' values: forward's arguments, positional
     and flattened (torch's pytree: dataclasses such as Conditioning, registered, open into their fields), a tensor by
     its (shape, dtype, stride, device), and the network's trace_state(). Hashable: the key of its call."""
-    leaves, structure = tree_flatten(arguments)
+    return kind_of(*tree_flatten(arguments), state)
+
+
+def kind_of(leaves: list, structure, state: tuple) -> tuple:
+    """call_kind of arguments already flattened into (leaves, structure)."""
     return (str(structure),) + tuple(describe(value) for value in leaves) + (('state', state),)
 
 
@@ -84,8 +88,9 @@ class CallsByKind:
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
         arguments = list(bound.arguments.values())
-        tensors = call_tensors(arguments)
-        kind = call_kind(arguments, self.state())
+        leaves, structure = tree_flatten(arguments)
+        tensors = [value for value in leaves if isinstance(value, torch.Tensor)]
+        kind = kind_of(leaves, structure, self.state())
         call = self.calls.get(kind)
         if call is None:
             call = self.calls[kind] = self.prepare(kind, arguments, tensors)
