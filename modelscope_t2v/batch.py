@@ -61,10 +61,10 @@ EXAMPLE = ('prompts.jsonl:  {"text": "A panda eating bamboo on a rock.", "seed":
 
 
 # Compiling through the compile cache pays back from about this many videos of one shape: on an H100 its cold
-# start-up (70 s) is 48 s more than that of the uncompiled networks under CUDA graphs (22 s), and it then saves
-# 1.07 s a default video (on an H200, compiled 1.30 s against 2.37 s; docs/benchmarks.md); each shape compiles
-# anew, once a machine (a later job loads it: 11-12 s).
-COMPILE_PAYS_BACK_AFTER = 45
+# start-up (49.7 s) is 39.1 s more than that of the uncompiled networks under CUDA graphs (10.6 s), and it then
+# saves 1.15 s a default video (1.34 s against 2.49 s; docs/benchmarks.md); each shape compiles anew, once a
+# machine (a later job loads it: 9.6 s).
+COMPILE_PAYS_BACK_AFTER = 34
 
 
 @dataclass

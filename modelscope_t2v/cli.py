@@ -64,14 +64,14 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
                        help=COMPILE_HELP + '. Without --compile or --no-compile, one video is made uncompiled (it '
                        'would not pay back) and a batch job compiles, through the compile cache, when it has about '
-                       '45 videos of one shape to make')
+                       '34 videos of one shape to make')
     group.add_argument('--compile-mode', choices=COMPILE_MODES, default=FAST_COMPILE_MODE,
                        help="--compile's torch.compile mode (default: %(default)s)")
     group.add_argument('--compile-cache', action='store_true',
                        help='--compile, keeping the compiled networks on disk in the compiler cache folder '
                             '($TORCHINDUCTOR_CACHE_DIR, default in the system temp folder), so that later runs on '
                             'this machine load them instead of compiling again (inductor\'s standalone_compile '
-                            'artefacts of each block, built in parallel: on an H100 70 s once, then 11-12 s of '
+                            'artefacts of each block, built in parallel: on an H100 50 s once, then under 10 s of '
                             'start-up; a new video size compiles once more)')
     group.add_argument('--cuda-graphs', action=argparse.BooleanOptionalAction, default=None,
                        help='replay the uncompiled networks from CUDA graphs of their own kernels, captured on the '

@@ -13,6 +13,7 @@ see schedule_spacing), so every count 1..1000 works with every sampler.
 from __future__ import annotations
 
 import importlib
+import threading
 
 from .config import DiffusionConfig
 
@@ -103,6 +104,21 @@ def draws_step_noise(sampler, eta: float) -> bool:
     if not isinstance(sampler, str):
         return True
     return eta > 0 if sampler == 'ddim' else sampler in STOCHASTIC_SAMPLERS
+
+
+def import_diffusers_meanwhile() -> threading.Thread:
+    """Start importing diffusers on a thread of its own; join() it before this thread imports anything else
+    (two threads importing at once may deadlock on circular imports). Its import lists every installed package
+    (importlib.metadata): 1.6 s of a warm start on an H100, which the loading of the weights, much of it
+    outside the GIL, hides. An import that fails here fails again, with its error, in make_scheduler."""
+    def run():
+        try:
+            importlib.import_module('diffusers')
+        except Exception:   # noqa: BLE001 - raised again where make_scheduler imports it
+            pass
+    thread = threading.Thread(target=run, name='import diffusers', daemon=True)
+    thread.start()
+    return thread
 
 
 def make_scheduler(sampler, diffusion: DiffusionConfig, num_steps: int | None = None):

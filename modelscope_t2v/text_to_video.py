@@ -33,7 +33,7 @@ from .models.text_encoder import OpenCLIPTextEncoder
 from .models.unet3d import UNet3D
 from .request import GenerationCancelled, GenerationRequest, NonFiniteError, numbered_paths
 from .sampling import denoise, guided, reschedule_noise
-from .schedulers import draws_step_noise, make_scheduler, uses_guidance
+from .schedulers import draws_step_noise, import_diffusers_meanwhile, make_scheduler, uses_guidance
 
 logger = logging.getLogger(__name__)
 
@@ -110,15 +110,20 @@ class TextToVideo:
         check_compile_options(compile, compile_cache, cuda_graphs)   # bad values are refused before loading
         device, dtype = default_device_and_dtype(device, dtype)
         folder = model_folder.open_folder(model_dir, base_model, half=dtype in HALF_DTYPES)
-        if half_cache and dtype in HALF_DTYPES:
-            cache_dir = None if half_cache is True else half_cache
-            networks = load_networks_cached(folder, dtype, cache_dir)
-        else:
-            if half_cache:
-                logger.warning('half_cache ignored: it holds float16/bfloat16 weights, and this run is %s', dtype)
-            networks = model_folder.load_networks(folder)
-        return cls.from_networks(folder.config, networks, model_dir, device, dtype, compile, low_memory,
-                                 compile_cache, cuda_graphs)
+        importing = import_diffusers_meanwhile()   # what follows imports nothing
+        try:
+            if half_cache and dtype in HALF_DTYPES:
+                cache_dir = None if half_cache is True else half_cache
+                networks = load_networks_cached(folder, dtype, cache_dir)
+            else:
+                if half_cache:
+                    logger.warning('half_cache ignored: it holds float16/bfloat16 weights, and this run is %s',
+                                   dtype)
+                networks = model_folder.load_networks(folder)
+            return cls.from_networks(folder.config, networks, model_dir, device, dtype, compile, low_memory,
+                                     compile_cache, cuda_graphs)
+        finally:
+            importing.join()
 
     @classmethod
     def from_networks(cls, config: config_lib.ModelConfig, networks, model_dir: str = '', device=None,
@@ -141,6 +146,7 @@ class TextToVideo:
         the CPU); the autoencoder's decoder in mode 'reduce-overhead' where `mode` has CUDA graphs and not
         low_memory, else in mode 'default'. Checkpoint keys are unchanged. With compile_cache, each network's
         blocks run through compiled artefacts kept on disk instead, built in parallel processes (compile_cache.py)."""
+        use_torchs_ptxas()
         graphs = compile_options(mode).get('triton.cudagraphs') and not self.low_memory
         decoder_options = compile_options('reduce-overhead' if graphs else 'default')
         if compile_cache:
@@ -579,6 +585,16 @@ def compile_options(mode: str) -> dict:
     if hasattr(torch._inductor.config.triton, 'enable_pdl'):   # torch 2.11 has it
         options['triton.enable_pdl'] = True
     return options
+
+
+def use_torchs_ptxas(torch_folder: str = os.path.dirname(torch.__file__)) -> None:
+    """Point Triton at the ptxas torch ships (TRITON_PTXAS_PATH), where there is one and none is set, before any
+    kernel compiles. Inductor does so when it first compiles or loads a kernel, and the ptxas is part of
+    Triton's cache key: our Triton kernels, first compiled before that in a cold process, would compile again
+    in every later one (2 s of a warm start on an H100, docs/benchmarks.md)."""
+    ptxas = os.path.join(torch_folder, 'bin', 'ptxas')
+    if 'TRITON_PTXAS_PATH' not in os.environ and os.access(ptxas, os.X_OK):
+        os.environ['TRITON_PTXAS_PATH'] = ptxas
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:

@@ -6,6 +6,7 @@ rewritten arithmetic and the compiled graph compute what the plain path does.
 
 import collections
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from modelscope_t2v.config import TINY
 from modelscope_t2v.models.autoencoder import AutoencoderKL
 from modelscope_t2v.models.group_norm import GroupNorm, group_norm_per_channel_stats
 from modelscope_t2v.models.unet3d import TemporalConv, UNet3D, frame_conv_as_gemm, frame_major_weight
-from modelscope_t2v.text_to_video import TextToVideo, compile_mode, compile_options
+from modelscope_t2v.text_to_video import TextToVideo, compile_mode, compile_options, use_torchs_ptxas
 from reference import randomize_, rel_err
 
 TOLERANCE = 3e-5  # float32, the same products summed in another order (worst seen: 8e-6)
@@ -139,6 +140,23 @@ def test_compile_options_are_the_modes_with_programmatic_dependent_launch():
     assert compile_options('default') == {'triton.enable_pdl': True}
     modes = [compile_mode(c) for c in (False, None, True, 'reduce-overhead')]
     assert modes == [None, None, 'default', 'reduce-overhead']
+
+
+def test_triton_is_pointed_at_torchs_ptxas_before_compiling(tmp_path, monkeypatch):
+    """The ptxas is part of Triton's cache key and inductor sets TRITON_PTXAS_PATH only when it first compiles:
+    compile_networks sets it first, so our kernels compile alike in every process; a value set is kept."""
+    monkeypatch.delenv('TRITON_PTXAS_PATH', raising=False)
+    use_torchs_ptxas(str(tmp_path))   # no bin/ptxas in this torch: Triton keeps its own
+    assert 'TRITON_PTXAS_PATH' not in os.environ
+    ptxas = tmp_path / 'bin' / 'ptxas'
+    ptxas.parent.mkdir()
+    ptxas.write_text('#!/bin/sh\n')
+    ptxas.chmod(0o755)
+    use_torchs_ptxas(str(tmp_path))
+    assert os.environ['TRITON_PTXAS_PATH'] == str(ptxas)
+    monkeypatch.setenv('TRITON_PTXAS_PATH', '/opt/cuda/bin/ptxas')
+    use_torchs_ptxas(str(tmp_path))
+    assert os.environ['TRITON_PTXAS_PATH'] == '/opt/cuda/bin/ptxas'
 
 
 def test_unknown_compile_mode_is_refused_before_loading(tmp_path):

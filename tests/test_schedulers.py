@@ -1,5 +1,8 @@
 """Every sampler over the edges of the documented ranges: steps 1..1000, guidance 0..100, eta 0..1."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -76,3 +79,15 @@ def test_every_sampler_at_the_low_edges_and_guidance_eta_extremes(tiny_engine, s
                                            output_type='frames', **options, **TINY_SIZE))
         [frames] = result.frames
         assert frames.shape == (2, 8, 8, 3) and 0 < frames.std() < 128, (options, frames.std())
+
+
+def test_from_pretrained_imports_diffusers_on_a_thread_it_joins(tiny_model_dir):
+    """A fresh process: from_pretrained returns with diffusers imported and its importing thread ended, so the
+    first scheduler costs no import."""
+    script = ('import sys, threading\n'
+              'from modelscope_t2v import TextToVideo\n'
+              'assert "diffusers" not in sys.modules\n'
+              f'TextToVideo.from_pretrained({tiny_model_dir!r}, device="cpu")\n'
+              'print("diffusers" in sys.modules, [t.name for t in threading.enumerate() if t.name == "import diffusers"])')
+    out = subprocess.run([sys.executable, '-c', script], check=True, capture_output=True, text=True).stdout
+    assert out.strip().splitlines()[-1] == 'True []'
