@@ -6,9 +6,10 @@
 Each process is a new Python interpreter that imports the package, loads the model with compile=, and makes three
 default generations (16 frames of 256x256, DDIM 50, guidance 9). The first one pays for compiling (with the compile
 cache the second loads what it built and captures the graphs); start-up is the time from the process's start to its
-first video, less the third video's time: what a user waits for beyond one generation. The processes share one inductor and Triton cache folder (emptied before the first), as
-two runs on one machine do. Each row also gives torch.compile's own timers (seconds summed per phase, 0.5 s or
-more: tracing, inductor, cache loads); what they leave of the first video is CUDA-graph recording and running.
+first video, less the third video's time: what a user waits for beyond one generation. The processes share one
+inductor and Triton cache folder (emptied before the first), as two runs on one machine do. Each row also gives
+torch.compile's own timers (seconds summed per phase, 0.5 s or more: tracing, inductor, cache loads); what they
+leave of the first video is CUDA-graph recording and running.
 
 On the CPU (--device cpu, a dry run; torch.compile's 'default' mode) the engine compiles as on CUDA.
 --compile-cache loads with compile_cache=True (compile_cache.py: standalone_compile artefacts of the networks'

@@ -110,7 +110,7 @@ class TextToVideo:
         check_compile_options(compile, compile_cache, cuda_graphs)   # bad values are refused before loading
         device, dtype = default_device_and_dtype(device, dtype)
         folder = model_folder.open_folder(model_dir, base_model, half=dtype in HALF_DTYPES)
-        importing = import_diffusers_meanwhile()   # what follows imports nothing
+        importing = import_diffusers_meanwhile()   # the loading below imports no module of its own
         try:
             if half_cache and dtype in HALF_DTYPES:
                 cache_dir = None if half_cache is True else half_cache

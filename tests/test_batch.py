@@ -256,7 +256,8 @@ def test_a_batch_on_the_cpu_never_compiles(capsys):
 
 
 @pytest.mark.parametrize('flags, compiles, keeps', [([], True, True), (['--compile'], True, False),
-                                                    (['--compile-cache'], True, True), (['--no-compile'], False, False)])
+                                                    (['--compile-cache'], True, True),
+                                                    (['--no-compile'], False, False)])
 def test_a_batch_that_chooses_to_compile_keeps_it_in_the_compile_cache(tiny_model_dir, tmp_path, monkeypatch,
                                                                           flags, compiles, keeps):
     """Its own choice (enough videos a shape) compiles through the compile cache, whose artefacts a later job loads;

@@ -88,6 +88,7 @@ def test_from_pretrained_imports_diffusers_on_a_thread_it_joins(tiny_model_dir):
               'from modelscope_t2v import TextToVideo\n'
               'assert "diffusers" not in sys.modules\n'
               f'TextToVideo.from_pretrained({tiny_model_dir!r}, device="cpu")\n'
-              'print("diffusers" in sys.modules, [t.name for t in threading.enumerate() if t.name == "import diffusers"])')
+              'importing = [t.name for t in threading.enumerate() if t.name == "import diffusers"]\n'
+              'print("diffusers" in sys.modules, importing)')
     out = subprocess.run([sys.executable, '-c', script], check=True, capture_output=True, text=True).stdout
     assert out.strip().splitlines()[-1] == 'True []'
