@@ -14,7 +14,6 @@ in the step's CUDA graph), each name's time in the step too, and what every othe
 import argparse
 import collections
 import os
-import re
 import sys
 import tempfile
 
@@ -33,6 +32,8 @@ os.environ['TORCHINDUCTOR_PROFILE_OUTPUT'] = PROFILE
 import torch  # noqa: E402
 
 sys.path[:0] = [os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')]
+from measure import read_kernel_table  # noqa: E402
+
 import modelscope_t2v.models.unet3d as unet3d  # noqa: E402
 from modelscope_t2v.config import FULL  # noqa: E402
 from modelscope_t2v.sampling import guided  # noqa: E402
@@ -75,16 +76,6 @@ def profiled_kernels():
     return kernels
 
 
-def step_kernels(path):
-    """name -> (ms, launches) a step, from step_timing's table."""
-    table = {}
-    for line in open(path):
-        match = re.match(r'\s*([\d.]+) ms\s+([\d.]+)x\s+(\S+)', line)
-        if match:
-            table[match[3]] = float(match[1]), float(match[2])
-    return table
-
-
 profile_one_step()
 kernels = profiled_kernels()
 ours = {name: k for name, k in kernels.items() if not name.startswith('triton_')}   # the package's own Triton
@@ -98,7 +89,7 @@ print(f"inductor's kernels: {len(inductor)} names, {calls} calls, {gb:.2f} GB a 
       f'{gb / args.peak_tbs:.2f} ms at {args.peak_tbs} TB/s')
 print(f"the package's Triton kernels: {', '.join(sorted(ours))}: {sum(k[1] for k in ours.values()):.2f} GB")
 if args.kernels:
-    table = step_kernels(args.kernels)
+    table = read_kernel_table(args.kernels)
     in_step = sum(ms for name, (ms, _) in table.items() if name.startswith('triton_'))
     launches = sum(n for name, (_, n) in table.items() if name.startswith('triton_'))
     total = sum(ms for ms, _ in table.values())

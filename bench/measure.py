@@ -108,6 +108,15 @@ def write_kernel_table(kernels, steps, path):
     path.write_text(''.join(f'{sum(us) / steps / 1e3:8.3f} ms {len(us) / steps:6.1f}x  {name}\n' for name, us in rows))
 
 
+def read_kernel_table(path) -> dict:
+    """write_kernel_table's file: name -> (ms, launches) per step."""
+    table = {}
+    for line in open(path):
+        ms, _, launches, name = line.split(maxsplit=3)
+        table[name.strip()] = float(ms), float(launches[:-1])
+    return table
+
+
 def kernel_kind(name: str) -> str:
     """A coarse kind for a kernel name: matrix products, convolutions, attention, Triton fusions by type, copies."""
     kinds = [('triton reduction', ('triton_red', 'triton_per')), ('triton pointwise', ('triton_poi',)),
