@@ -9,7 +9,7 @@ generated kernel is timed alone at its first call (L2 flushed) and reports the b
 take. Inductor's kernels are the norms, their statistics and the pointwise work: no matrix products. Prints
 per kernel name: calls a step, GB a step, the profiler's ms and TB/s; then the step's totals and the least
 time those bytes take at --peak-tbs. With --kernels (a table of `bench/step_timing.py --kernels-dir`, timed
-in the step's CUDA graph), each name's time in the step too, and what every other kernel took.
+in the step's CUDA graph), the time inductor's kernels took in the step, and every other kernel.
 """
 import argparse
 import collections
