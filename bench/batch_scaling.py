@@ -2,9 +2,10 @@
 
     python bench/batch_scaling.py --out results.json [--gpus 1,2] [--prompts 16] [--compile] [--model-dir DIR]
 
-Writes a real-size random model (random weights do the arithmetic of real ones)
+Writes a real-size random model where --model-dir has none (random weights do the arithmetic of real ones)
 and a prompts file of default generations (16 frames, 256x256, DDIM 50,
-guidance 9), then runs the batch job once per GPU count. Reports the wall time
+guidance 9), then runs the batch job once per GPU count; without --compile the job decides itself whether
+to compile (batch.COMPILE_PAYS_BACK_AFTER). Reports the wall time
 of the whole job (model loading included) and the generation time summed from
 the manifest; the rate after each rank's first video (which pays for compiling); and the time before the first
 video's generation (process start, imports, loading on every rank).
@@ -33,16 +34,19 @@ def run_batch(gpus: int, prompts: str, model_dir: str, out_dir: str, compile: bo
     return started, time.perf_counter() - start
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--out', default='batch-scaling.json')
     parser.add_argument('--gpus', default='1,2')
     parser.add_argument('--prompts', type=int, default=16)
     parser.add_argument('--compile', action='store_true', help="the batch job's --compile")
-    parser.add_argument('--model-dir', default=None, help='a model dir to use (default: a new random one)')
-    args = parser.parse_args()
+    parser.add_argument('--model-dir', default=None, help='the model dir (written if missing; default: a new one)')
+    args = parser.parse_args(argv)
+    command = ' '.join(['python bench/batch_scaling.py'] + (sys.argv[1:] if argv is None else argv))
     work = tempfile.mkdtemp()
-    model_dir = args.model_dir or write_model_dir(os.path.join(work, 'model'), FULL)
+    model_dir = args.model_dir or os.path.join(work, 'model')
+    if not os.path.exists(os.path.join(model_dir, 'configuration.json')):
+        write_model_dir(model_dir, FULL)
     prompts = os.path.join(work, 'prompts.jsonl')
     with open(prompts, 'w') as f:
         for i in range(args.prompts):
@@ -59,7 +63,7 @@ def main():
         finished = [e['finished_at'] for e in entries]   # after each rank's first video, which pays for compiling:
         steady = 60 * (len(finished) - gpus) / (finished[-1] - finished[gpus - 1])   # all ranks, one rate
         start_and_load = finished[0] - started - entries[0]['seconds']   # before the first video's generation
-        rows.append({'gpus': gpus, 'videos': len(entries), 'compile': args.compile, 'wall_s': wall,
+        rows.append({'gpus': gpus, 'videos': len(entries), 'batch_flags': '--compile' if args.compile else "(none: the job's own choice)", 'wall_s': wall,
                      'videos_per_minute': 60 * len(entries) / wall,
                      'generation_s_per_video': sum(seconds) / len(seconds), 'start_and_load_s': start_and_load,
                      'first_video_s': entries[0]['seconds'],
@@ -68,7 +72,7 @@ def main():
     import torch
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'
     result = {'device': device, 'torch': torch.__version__,
-              'date': time.strftime('%Y-%m-%d'), 'rows': rows}
+              'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), 'command': command, 'rows': rows}
     with open(args.out, 'w') as f:
         json.dump(result, f, indent=2)
 

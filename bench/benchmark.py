@@ -1,6 +1,7 @@
 """GPU benchmark: this package against ModelScope's built-in classes and diffusers, in one process.
 
-    python bench/benchmark.py --out results.json [--size full] [--runs 3] [--skip builtin,diffusers,...]
+    python bench/benchmark.py --out results.json [--size full] [--runs 3] [--workload W] [--skip builtin,...]
+    python bench/benchmark.py --out results.json --workload batch|startup [that tool's flags]
 
 Builds a random-weight model dir of the real shapes (random weights do the same
 arithmetic), then times on the same GPU, with medians over --runs:
@@ -17,12 +18,16 @@ arithmetic), then times on the same GPU, with medians over --runs:
 Also the FLOP count of the default generation and the measured fp16 matmul ceiling.
 --skip takes any of: startup, eager, memory, graphs, compile, fp32, builtin, diffusers (the FLOP count and the
 ceiling always run: each row's floor).
+--workload batch and --workload startup are jobs of several processes: they run bench/batch_scaling.py (64
+default videos through `modelscope-t2v batch` on one GPU) and bench/startup.py (three fresh processes, the compile
+cache), with --out, --model-dir and any further flags passed on to them.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import os
 import shutil
@@ -55,6 +60,11 @@ WORKLOADS = {
     'zeroscope-xl': (24, 576, 1024, 'ddim', 50, 0.65),       # zeroscope_v2_XL re-rendering 576w's 576x320 output
     'long': (256, 256, 256, 'ddim', 50, None),               # FreeNoise windows of 16 frames, stride 4
     'lcm': (16, 256, 256, 'lcm', 4, None),                   # few steps (a consistency LoRA's), guidance off
+}
+# workloads of several processes, each measured by its own tool: (module in bench/, its default flags)
+JOBS = {
+    'batch': ('batch_scaling', ['--gpus', '1', '--prompts', '64']),
+    'startup': ('startup', ['--processes', '3', '--compile-cache', '--half-cache']),
 }
 
 
@@ -248,26 +258,46 @@ def parse_args(argv):
     parser.add_argument('--size', choices=['full', 'tiny'], default='full')
     parser.add_argument('--model-dir', default=os.path.join(tempfile.gettempdir(), 'modelscope-t2v-bench'))
     parser.add_argument('--runs', type=int, default=3)
-    parser.add_argument('--workload', choices=sorted(WORKLOADS), default='default',
-                        help='frames, size, sampler and steps: ' + '; '.join(f'{k} {v}' for k, v in WORKLOADS.items()))
+    parser.add_argument('--workload', choices=sorted(WORKLOADS) + sorted(JOBS), default='default',
+                        help='frames, size, sampler and steps: ' + '; '.join(f'{k} {v}' for k, v in WORKLOADS.items())
+                        + '; or a job: ' + '; '.join(f'{k} (bench/{m}.py {" ".join(f)})' for k, (m, f) in JOBS.items()))
     parser.add_argument('--skip', default='',
                         help='comma list of: startup, eager, memory, graphs, compile, fp32, builtin, diffusers')
     parser.add_argument('--compile-modes', default='reduce-overhead', help='torch.compile modes, comma separated')
     parser.add_argument('--compile-cache', action='store_true',
                         help="compiled rows through compile_cache=True (inductor's cache folder): "
                              "standalone_compile artefacts, CUDA graphs captured by hand")
-    args = parser.parse_args(argv)
+    args, args.job_flags = parser.parse_known_args(argv)
+    if args.workload in JOBS:
+        return args
+    if args.job_flags:
+        parser.error(f'unrecognized arguments: {" ".join(args.job_flags)} (only --workload batch or startup '
+                     'passes flags on)')
     args.frames, args.height, args.width, args.sampler, args.steps, args.strength = WORKLOADS[args.workload]
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    skip = set(filter(None, args.skip.split(',')))
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+def write_model_if_missing(args) -> None:
     if not os.path.exists(os.path.join(args.model_dir, 'configuration.json')):
         _, seconds = timed(lambda: write_model_dir(args.model_dir, FULL if args.size == 'full' else TINY))
         print(f'wrote random {args.size} model to {args.model_dir} in {seconds:.1f} s', flush=True)
+
+
+def run_job(args) -> None:
+    """A workload of several processes, through its own tool: its default flags, then the caller's."""
+    write_model_if_missing(args)
+    module, flags = JOBS[args.workload]
+    importlib.import_module(module).main(flags + ['--out', args.out, '--model-dir', args.model_dir]
+                                         + args.job_flags)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.workload in JOBS:
+        return run_job(args)
+    skip = set(filter(None, args.skip.split(',')))
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    write_model_if_missing(args)
     results = {'device': torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu',
                'torch': torch.__version__, 'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
                'command': ' '.join(['python bench/benchmark.py'] + sys.argv[1:]), 'workload': args.workload,

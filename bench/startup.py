@@ -89,7 +89,7 @@ def run_process(model_dir: str, cache: str, options: dict, device: str, steps: i
     return json.loads(out.strip().splitlines()[-1])
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--out', default='startup.json')
     parser.add_argument('--model-dir', default=os.path.join(tempfile.gettempdir(), 'modelscope-t2v-bench'))
@@ -104,7 +104,8 @@ def main():
     parser.add_argument('--device', choices=('cuda', 'cpu'), default='cuda')
     parser.add_argument('--steps', type=int, default=50, help='DDIM steps of each video (default: %(default)s)')
     parser.add_argument('--size', choices=('full', 'tiny'), default='full', help='of a model written if missing')
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    command = ' '.join(['python bench/startup.py'] + (sys.argv[1:] if argv is None else argv))
     if args.cuda_graphs and args.compile_cache:
         parser.error('--cuda-graphs does not compile: it cannot go with --compile-cache')
     if not os.path.exists(os.path.join(args.model_dir, 'configuration.json')):
@@ -124,7 +125,7 @@ def main():
         device = torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'
         json.dump({'device': device, 'torch': torch.__version__,
                    'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), 'options': options,
-                   'command': ' '.join(['python bench/startup.py'] + sys.argv[1:]), 'rows': rows}, f, indent=2)
+                   'command': command, 'rows': rows}, f, indent=2)
 
 
 if __name__ == '__main__':
