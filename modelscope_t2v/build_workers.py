@@ -13,6 +13,7 @@ import pickle
 import queue
 import subprocess
 import sys
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 
@@ -48,15 +49,17 @@ class WorkerPool:
             raise RuntimeError(f'building {job[3]} failed: {error}')
 
     def shutdown(self) -> None:
-        """End the workers (each at the end of its input) and wait for them."""
+        """End the workers, all at once (each at the end of its input), and return: a thread waits for them. A
+        worker takes seconds to exit; waiting for 8 in turn was 17 s of a cold start-up on an H100."""
         if self.threads is None:
             return
         self.threads.shutdown()
         self.threads = None
+        workers = []
         while not self.idle.empty():
-            worker = self.idle.get()
-            worker.stdin.close()
-            worker.wait()
+            workers.append(self.idle.get())
+            workers[-1].stdin.close()
+        threading.Thread(target=lambda: [worker.wait() for worker in workers], daemon=True).start()
 
 
 def start_worker() -> subprocess.Popen:

@@ -12,13 +12,16 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from modelscope_t2v import compile_cache, parse_request
+from modelscope_t2v import build_workers, compile_cache, parse_request
 from modelscope_t2v.compile_cache import CompileCache, artefact_counts, artefact_name
 from modelscope_t2v.cuda_graphs import call_kind
 from modelscope_t2v.config import TINY
@@ -334,6 +337,37 @@ def test_a_worker_builds_without_running_the_callers_script_again(tmp_path):
     print('largest difference from the network:', difference)
     assert float(difference) < 1e-5 and built == '1'
     assert marker.read_text() == 'ran\n' and len(os.listdir(tmp_path / 'cache')) == 1
+
+
+def test_the_workers_end_at_once_and_are_not_waited_for():
+    """shutdown() closes every worker's input before any has exited, and returns while they exit (a thread
+    waits for them): a generation does not wait for the workers' exits."""
+    exits_allowed, events = threading.Event(), []
+
+    class Worker:   # a worker process as WorkerPool uses it: stdin.close(), wait()
+        def __init__(self, number):
+            self.number, self.stdin = number, self
+
+        def close(self):
+            events.append(('input closed', self.number))
+
+        def wait(self):
+            assert exits_allowed.wait(timeout=60)
+            events.append(('exited', self.number))
+
+    pool = build_workers.WorkerPool(3)
+    pool.threads = ThreadPoolExecutor(1)   # as after the first submit(): the workers started
+    for number in range(3):
+        pool.idle.put(Worker(number))
+    pool.shutdown()
+    assert events == [('input closed', 0), ('input closed', 1), ('input closed', 2)]
+    exits_allowed.set()
+    for _ in range(600):
+        if len(events) == 6:
+            break
+        time.sleep(0.01)
+    assert events[3:] == [('exited', 0), ('exited', 1), ('exited', 2)]
+    assert pool.threads is None and pool.idle.empty()
 
 
 def test_a_build_failing_in_a_worker_names_the_artefact(tmp_path, monkeypatch):
