@@ -35,7 +35,7 @@ import torch
 
 from . import scratch, video_io
 from .cli import (add_generation_flags, add_model_flags, apply_compile_flags, generation_options, guarded,
-                  load_pipeline, resolve_models)
+                  load_pipeline, quiet_modelscope, resolve_models)
 from .model_folder import open_folder
 from .request import GenerationRequest, parse_request
 from .text_to_video import write_generated_video
@@ -426,7 +426,7 @@ def _run(args, ranks: Ranks) -> int:
     prefix = f'[rank {ranks.rank}] ' if ranks.distributed else ''
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format=prefix + '%(message)s')
     if not args.verbose:
-        logging.getLogger('modelscope').setLevel(logging.ERROR)  # its start-up chatter
+        quiet_modelscope()
     args.device = rank_device(args.device, ranks)
     defaults = generation_options(args)
     if ranks.distributed and args.show_progress is None:

@@ -195,13 +195,19 @@ def load_pipeline(args: argparse.Namespace):
     return pipe
 
 
+def quiet_modelscope() -> None:
+    """Only errors from ModelScope's logger: its start-up chatter (models initiated, no preprocessor field) is not
+    for a command's user. A filter, not a level: each of ModelScope's get_logger() calls sets the level again."""
+    logging.getLogger('modelscope').addFilter(lambda record: record.levelno >= logging.ERROR)
+
+
 def run_generate(argv) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     apply_compile_flags(parser, args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format='%(message)s')
     if not args.verbose:
-        logging.getLogger('modelscope').setLevel(logging.ERROR)  # its start-up chatter
+        quiet_modelscope()
     from .config import FULL
     from .pipeline import torch_device
     from .request import parse_request

@@ -121,6 +121,7 @@ def test_torchrun_two_ranks_share_the_lines(tiny_model_dir, tmp_path):
            prompts, '--out', str(out), '--model', tiny_model_dir] + TINY_FLAGS
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert ' - modelscope - ' not in done.stderr   # ModelScope's start-up chatter (`initiate model from ...`)
     per_rank = [manifest(out / f'manifest.rank{r}.jsonl') for r in range(2)]
     assert [[e['line'] for e in entries] for entries in per_rank] == [[1, 3], [2, 4]]  # index % 2 == rank
     assert [{e['rank'] for e in entries} for entries in per_rank] == [{0}, {1}]

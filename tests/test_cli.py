@@ -26,6 +26,7 @@ def test_generates_the_named_file(tiny_model_dir, tmp_path):
                      '--seed', '3', '--fps', '12', *SMALL)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(out)
+    assert ' - modelscope - ' not in result.stderr   # ModelScope's start-up chatter (`initiate model from ...`)
     info = probe_video(out)
     assert (info['codec'], info['frames'], info['fps'], info['width']) == ('vp9', 4, 12.0, 64)
     assert '"seed": 3' in info['comment']
