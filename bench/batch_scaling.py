@@ -63,7 +63,8 @@ def main(argv=None):
         finished = [e['finished_at'] for e in entries]   # after each rank's first video, which pays for compiling:
         steady = 60 * (len(finished) - gpus) / (finished[-1] - finished[gpus - 1])   # all ranks, one rate
         start_and_load = finished[0] - started - entries[0]['seconds']   # before the first video's generation
-        rows.append({'gpus': gpus, 'videos': len(entries), 'batch_flags': '--compile' if args.compile else "(none: the job's own choice)", 'wall_s': wall,
+        flags = '--compile' if args.compile else "(none: the job's own choice)"
+        rows.append({'gpus': gpus, 'videos': len(entries), 'batch_flags': flags, 'wall_s': wall,
                      'videos_per_minute': 60 * len(entries) / wall,
                      'generation_s_per_video': sum(seconds) / len(seconds), 'start_and_load_s': start_and_load,
                      'first_video_s': entries[0]['seconds'],

@@ -258,9 +258,10 @@ def parse_args(argv):
     parser.add_argument('--size', choices=['full', 'tiny'], default='full')
     parser.add_argument('--model-dir', default=os.path.join(tempfile.gettempdir(), 'modelscope-t2v-bench'))
     parser.add_argument('--runs', type=int, default=3)
+    jobs = '; '.join(f'{name} (bench/{module}.py {" ".join(flags)})' for name, (module, flags) in JOBS.items())
     parser.add_argument('--workload', choices=sorted(WORKLOADS) + sorted(JOBS), default='default',
                         help='frames, size, sampler and steps: ' + '; '.join(f'{k} {v}' for k, v in WORKLOADS.items())
-                        + '; or a job: ' + '; '.join(f'{k} (bench/{m}.py {" ".join(f)})' for k, (m, f) in JOBS.items()))
+                        + '; or a job of several processes: ' + jobs)
     parser.add_argument('--skip', default='',
                         help='comma list of: startup, eager, memory, graphs, compile, fp32, builtin, diffusers')
     parser.add_argument('--compile-modes', default='reduce-overhead', help='torch.compile modes, comma separated')
