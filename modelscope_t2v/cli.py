@@ -198,7 +198,11 @@ def load_pipeline(args: argparse.Namespace):
 def quiet_modelscope() -> None:
     """Only errors from ModelScope's logger: its start-up chatter (models initiated, no preprocessor field) is not
     for a command's user. A filter, not a level: each of ModelScope's get_logger() calls sets the level again."""
-    logging.getLogger('modelscope').addFilter(lambda record: record.levelno >= logging.ERROR)
+    logging.getLogger('modelscope').addFilter(errors_only)   # added once however often called
+
+
+def errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
 
 
 def run_generate(argv) -> int:
