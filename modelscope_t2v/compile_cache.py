@@ -23,6 +23,12 @@ to another device and back (low_memory) or a buffer replaced (UNet3D.remember_te
 each call. Under CUDA graphs parameters must stay where they are after the capture (as with torch.compile's); a
 buffer that is replaced makes the graphs that read it capture again.
 
+A warm start loads its artefacts while the weights load: each engine's cache writes, after a generation, the
+artefacts its calls used in the order they first used them (used-KEY.txt in the folder; KEY the engine's model
+structure, dtype, device and mode: preload_key) and a later engine of that key starts loading them on a thread as
+soon as it is made, before its weights are read. Every load runs on that one thread, in turn: inductor's loading
+is not made to run on two threads at once.
+
 The folder holds code that is executed: it is inductor's cache folder (TORCHINDUCTOR_CACHE_DIR, whose kernels
 inductor executes the same way) unless another is given; give only a folder that only you can write.
 """
@@ -33,13 +39,15 @@ import functools
 import hashlib
 import logging
 import os
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
-from .artefact_builds import Builder, default_workers, weight_places
+from .artefact_builds import Builder, default_workers, save_atomically, weight_places
 from .cuda_graphs import CallsByKind, frozen_call
 
 logger = logging.getLogger(__name__)
@@ -57,12 +65,23 @@ def default_folder() -> str:
 
 class CompileCache:
     """A folder of compiled calls; compile() is the in-place counterpart of nn.Module.compile. `workers`: the build
-    processes (None: one a core, at most artefact_builds.MOST_WORKERS; 0: builds in this process)."""
+    processes (None: one a core, at most artefact_builds.MOST_WORKERS; 0: builds in this process). `key`
+    (preload_key): preload the artefacts an earlier engine of this key used; `device`: the networks' device."""
 
-    def __init__(self, folder: Optional[str] = None, workers: Optional[int] = None):
+    def __init__(self, folder: Optional[str] = None, workers: Optional[int] = None, key: Optional[str] = None,
+                 device: Optional[torch.device] = None):
         self.folder = folder or default_folder()
         self.builder = Builder(default_workers() if workers is None else workers)
         self.artefacts: Dict[str, Callable] = {}   # path -> its artefact, shared by the blocks that are alike
+        self.used: List[str] = []   # the artefacts' paths in the order calls first asked for them
+        self.used_file = os.path.join(self.folder, f'used-{key}.txt') if key else None
+        initializer = None
+        if device is not None and device.type == 'cuda':   # the loader thread loads kernels onto the networks' GPU
+            index = torch.cuda.current_device() if device.index is None else device.index
+            initializer = functools.partial(torch.cuda.set_device, index)
+        self.loader = ThreadPoolExecutor(1, 'modelscope-t2v-artefacts', initializer=initializer)
+        self.loading: Dict[str, Future] = {path: self.loader.submit(load_artefact, path)
+                                           for path in read_used(self.used_file) if os.path.exists(path)}
 
     def compile(self, network: nn.Module, options: dict) -> None:
         """Make `network`'s calls run through compiled artefacts of its compile_regions() (of the whole network if
@@ -80,12 +99,14 @@ class CompileCache:
             network._compiled_call_impl = GraphsOverBlocks(network)
 
     def artefact(self, path: str) -> Optional[Callable]:
-        """The artefact saved at `path`, loaded once; None when there is none or it cannot be read (then rebuilt)."""
+        """The artefact saved at `path`, loaded once (on the loader thread, preloaded or now); None when there is
+        none or it cannot be read (then rebuilt)."""
         if path not in self.artefacts:
-            if not os.path.exists(path):
+            loading = self.loading.pop(path, None)
+            if loading is None and not os.path.exists(path):
                 return None
             try:
-                self.artefacts[path] = load_artefact(path)
+                self.artefacts[path] = (loading or self.loader.submit(load_artefact, path)).result()
             except (OSError, RuntimeError) as error:
                 logger.warning('compile cache: %s unreadable (%s); compiling it again', path, error)
                 return None
@@ -93,8 +114,12 @@ class CompileCache:
         return self.artefacts[path]
 
     def wait(self) -> None:
-        """Wait for every build started, raising the first error: a generation ends with its networks compiled."""
+        """Wait for every build started, raising the first error: a generation ends with its networks compiled;
+        then note the artefacts used so far for a later engine's preload, where they are new."""
         self.builder.wait()
+        if self.used_file and self.used != read_used(self.used_file):
+            save_atomically(lambda temporary: Path(temporary).write_text('\n'.join(self.used) + '\n'),
+                            self.used_file)
 
 
 class CachedCalls(CallsByKind):
@@ -113,6 +138,8 @@ class CachedCalls(CallsByKind):
         """The call of this kind: the artefact, run directly or replayed from a CUDA graph of it; where there is
         none, the network as it is while its build runs, then the artefact."""
         path = os.path.join(self.cache.folder, artefact_name(self.network, kind, self.options) + '.bin')
+        if path not in self.cache.used:
+            self.cache.used.append(path)
         if self.cache.artefact(path) is not None:
             self.loaded += 1
             return self.ready(path, tensors)
@@ -121,6 +148,7 @@ class CachedCalls(CallsByKind):
         if not self.builds:
             logger.info('compile cache: no %s for this kind of call; it runs eager', path)
             return eager
+        futures.wait(self.cache.loading.values())   # inductor builds or loads on one thread at a time
         self.cache.builder.submit(self.network, arguments, path, self.options)
         self.built += 1
         self.building.add(kind)
@@ -161,6 +189,25 @@ class GraphsOverBlocks(CallsByKind):
                 self.calls[kind] = self.graphed(run, list(inputs), type(self.network).__name__)
             return out
         return capturing
+
+
+def preload_key(config, dtype: torch.dtype, device: torch.device, mode: str) -> str:
+    """What the artefacts an engine uses depend on, beside its calls' shapes: the networks' structure (`config`),
+    dtype and device, and the compile mode."""
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
+    described = repr((FORMAT, BACKEND, config, str(dtype), name, mode, torch.__version__, network_source_hash()))
+    return hashlib.sha256(described.encode()).hexdigest()[:32]
+
+
+def read_used(path: Optional[str]) -> List[str]:
+    """The artefact paths an earlier engine noted in `path` (CompileCache.wait); none without such a file."""
+    if path is None:
+        return []
+    try:
+        with open(path) as f:
+            return f.read().split()
+    except OSError:   # none written yet, or just removed
+        return []
 
 
 def compiled_calls(network: nn.Module) -> List[CachedCalls]:

@@ -23,7 +23,7 @@ from einops import rearrange
 
 from . import config as config_lib
 from . import model_folder, tokenizer, video_io
-from .compile_cache import CompileCache, compiled_calls
+from .compile_cache import CompileCache, compiled_calls, preload_key
 from .cuda_graphs import capture_calls
 from .half_cache import HALF_DTYPES, load_networks_cached
 from .lora.apply import LoraStack
@@ -96,7 +96,8 @@ class TextToVideo:
             generation.
         compile_cache: True or a folder: keep what compiling makes on disk, so that a
             later process on this machine loads it instead of tracing the networks
-            again (compile_cache.py; True: in inductor's cache folder).
+            again (compile_cache.py; True: in inductor's cache folder), on a thread
+            that starts here, while the weights load.
         cuda_graphs: on CUDA, without compile, replay each network's eager kernels
             from CUDA graphs (capture_graphs): seconds of capture instead of
             minutes of compiling, and no waiting for the host's kernel launches.
@@ -110,6 +111,8 @@ class TextToVideo:
         check_compile_options(compile, compile_cache, cuda_graphs)   # bad values are refused before loading
         device, dtype = default_device_and_dtype(device, dtype)
         folder = model_folder.open_folder(model_dir, base_model, half=dtype in HALF_DTYPES)
+        if compile_cache and compile_mode(compile) and device.type == 'cuda':   # its artefacts load meanwhile
+            compile_cache = open_compile_cache(compile_cache, folder.config, dtype, device, compile_mode(compile))
         importing = import_diffusers_meanwhile()   # the loading below imports no module of its own
         try:
             if half_cache and dtype in HALF_DTYPES:
@@ -150,7 +153,8 @@ class TextToVideo:
         graphs = compile_options(mode).get('triton.cudagraphs') and not self.low_memory
         decoder_options = compile_options('reduce-overhead' if graphs else 'default')
         if compile_cache:
-            cache = self.compile_cache = CompileCache(None if compile_cache is True else os.fspath(compile_cache))
+            cache = self.compile_cache = (compile_cache if isinstance(compile_cache, CompileCache) else
+                                          open_compile_cache(compile_cache))
             cache.compile(self.unet.to_channels_last(), compile_options(mode))
             self.autoencoder.compile_decoder(decoder_options, compile=cache.compile)
             if not self.low_memory:
@@ -563,9 +567,22 @@ def check_compile_options(compile, compile_cache, cuda_graphs) -> None:
                          f"compile={compile!r}); compile='reduce-overhead' gives compiled networks CUDA graphs")
 
 
+def open_compile_cache(compile_cache: bool | str, config: Optional[config_lib.ModelConfig] = None,
+                       dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None,
+                       mode: Optional[str] = None) -> CompileCache:
+    """The CompileCache that compile_cache (True or a folder) names; given the engine's model config, dtype, device
+    and compile mode, it starts loading what an earlier engine of those used (compile_cache.preload_key)."""
+    use_torchs_ptxas()   # before any kernel loads
+    folder = None if compile_cache is True else os.fspath(compile_cache)
+    key = config and preload_key(config, dtype, device, mode)
+    return CompileCache(folder, key=key, device=device)
+
+
 def check_compile_cache(compile_cache) -> None:
-    """from_pretrained's compile_cache: False, True or a folder's path, where this torch has inductor's
-    standalone_compile."""
+    """from_pretrained's compile_cache: False, True or a folder's path (or an open CompileCache), where this torch
+    has inductor's standalone_compile."""
+    if isinstance(compile_cache, CompileCache):
+        return
     if not isinstance(compile_cache, (bool, str, os.PathLike)):
         raise TypeError(f'compile_cache={compile_cache!r} is not True, False or a folder\'s path')
     if isinstance(compile_cache, (str, os.PathLike)) and os.path.exists(compile_cache) \

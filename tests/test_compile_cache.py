@@ -193,6 +193,54 @@ def test_calls_of_another_kind_get_their_own_artefacts(tiny_model_dir, tiny_engi
     assert sorted(os.listdir(tmp_path)) == files
 
 
+def test_a_later_cache_of_the_key_preloads_the_artefacts_the_first_used_on_a_thread(tiny_model_dir, tiny_engine,
+                                                                                     tmp_path, eager_artefacts,
+                                                                                     monkeypatch):
+    """After a generation a cache with a key notes the artefacts its calls asked for, in that order; a later cache
+    of that key starts loading them on its loader thread as soon as it is made (a warm start loads them while the
+    weights load): its calls then load nothing themselves, and the frames are the plain engine's. Another key, or
+    no key, preloads nothing; a noted file since deleted is skipped."""
+    threads = []
+    load = torch._inductor.CompiledArtifact.load
+    monkeypatch.setattr(torch._inductor.CompiledArtifact, 'load', staticmethod(
+        lambda path, format: (threads.append((threading.current_thread().name, os.path.basename(path))),
+                              load(path=path, format=format))[1]))
+    first = TextToVideo.from_pretrained(tiny_model_dir, device='cpu')
+    first.compile_networks('default', compile_cache=CompileCache(str(tmp_path), key='k'))
+    first(parse_request(PROMPT, first.config, **SMALL))   # builds, then notes what its calls asked for
+    noted = (tmp_path / 'used-k.txt').read_text().split()
+    assert noted == first.compile_cache.used and len(noted) == len(set(noted)) == len(os.listdir(tmp_path)) - 1
+    assert os.path.basename(noted[0]).startswith('ResidualAttentionBlock-')   # the text encoder's calls came first
+    assert all(os.path.dirname(path) == str(tmp_path) and os.path.exists(path) for path in noted)
+
+    threads.clear()
+    engine = TextToVideo.from_pretrained(tiny_model_dir, device='cpu')
+    cache = CompileCache(str(tmp_path), key='k')
+    assert list(cache.loading) == noted
+    engine.compile_networks('default', compile_cache=cache)
+    got = engine(parse_request(PROMPT, engine.config, **SMALL)).frames[0].astype(int)
+    expected = tiny_engine(parse_request(PROMPT, tiny_engine.config, **SMALL)).frames[0]
+    print('largest difference from the plain engine:', np.abs(got - expected).max(), 'loads:', threads)
+    assert np.abs(got - expected).max() <= 1
+    assert threads == [('modelscope-t2v-artefacts_0', os.path.basename(path)) for path in noted]
+    assert counts(engine) == [(0, n) for n in blocks(engine)] and cache.loading == {}
+
+    os.remove(noted[-1])
+    assert list(CompileCache(str(tmp_path), key='k').loading) == noted[:-1]
+    assert CompileCache(str(tmp_path), key='other').loading == {} and CompileCache(str(tmp_path)).loading == {}
+
+
+def test_the_preload_key_follows_the_architecture_dtype_device_and_mode():
+    from modelscope_t2v.config import FULL
+    cpu, half = torch.device('cpu'), torch.float16
+    key = compile_cache.preload_key(TINY, half, cpu, 'reduce-overhead')
+    others = [compile_cache.preload_key(FULL, half, cpu, 'reduce-overhead'),
+              compile_cache.preload_key(TINY, torch.bfloat16, cpu, 'reduce-overhead'),
+              compile_cache.preload_key(TINY, half, cpu, 'default')]
+    assert key == compile_cache.preload_key(copy.deepcopy(TINY), half, cpu, 'reduce-overhead')
+    assert re.fullmatch('[0-9a-f]{32}', key) and len({key, *others}) == 4
+
+
 def test_artefact_names_follow_what_a_trace_freezes(tmp_path, monkeypatch):
     unet = randomize_(UNet3D(TINY.unet), 0).eval()
     x, t = torch.randn(1, 4, 4, 8, 8), torch.tensor([500])
