@@ -106,12 +106,20 @@ class CompileCache:
             if loading is None and not os.path.exists(path):
                 return None
             try:
-                self.artefacts[path] = (loading or self.loader.submit(load_artefact, path)).result()
+                self.artefacts[path] = self.load(path, loading)
             except (OSError, RuntimeError) as error:
                 logger.warning('compile cache: %s unreadable (%s); compiling it again', path, error)
                 return None
             logger.info('compile cache: %s loaded', path)
         return self.artefacts[path]
+
+    def load(self, path: str, loading: Optional[Future]) -> Callable:
+        """The artefact at `path` from its preload, else loaded on the loader thread now; in this thread where the
+        loader thread could not start (its initializer failed)."""
+        try:
+            return (loading or self.loader.submit(load_artefact, path)).result()
+        except futures.BrokenExecutor:
+            return load_artefact(path)
 
     def wait(self) -> None:
         """Wait for every build started, raising the first error: a generation ends with its networks compiled;

@@ -230,6 +230,32 @@ def test_a_later_cache_of_the_key_preloads_the_artefacts_the_first_used_on_a_thr
     assert CompileCache(str(tmp_path), key='other').loading == {} and CompileCache(str(tmp_path)).loading == {}
 
 
+def test_artefacts_load_in_the_calling_thread_where_the_loader_thread_could_not_start(tmp_path, eager_artefacts):
+    """The loader thread's initializer (torch.cuda.set_device on a GPU) failing costs the preload, not the
+    artefacts: each then loads in the thread that needs it."""
+    network = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = network(x)
+    first = CompileCache(str(tmp_path), key='k')
+    first.compile(network, {})
+    network(x)
+    first.wait()
+    network(x)   # loaded: noted as used
+    first.wait()
+    (path,) = first.used
+
+    def fail():
+        raise RuntimeError('no such GPU')
+    cache = CompileCache(str(tmp_path))
+    cache.loader = ThreadPoolExecutor(1, initializer=fail)
+    cache.loading = {path: cache.loader.submit(compile_cache.load_artefact, path)}   # as a preload of key 'k'
+    copied = copy.deepcopy(network)
+    cache.compile(copied, {})
+    assert rel_err(copied(x), expected) < 1e-6
+    assert artefact_counts(copied) == (0, 1) and cache.loading == {}
+
+
 def test_the_preload_key_follows_the_architecture_dtype_device_and_mode():
     from modelscope_t2v.config import FULL
     cpu, half = torch.device('cpu'), torch.float16
