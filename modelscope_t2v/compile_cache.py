@@ -25,9 +25,9 @@ buffer that is replaced makes the graphs that read it capture again.
 
 A warm start loads its artefacts while the weights load: each engine's cache writes, after a generation, the
 artefacts its calls used in the order they first used them (used-KEY.txt in the folder; KEY the engine's model
-structure, dtype, device and mode: preload_key) and a later engine of that key starts loading them on a thread as
-soon as it is made, before its weights are read. Every load runs on that one thread, in turn: inductor's loading
-is not made to run on two threads at once.
+structure, dtype, device, mode and low_memory: preload_key), and a later engine of that key starts loading them on
+a thread as soon as it is made, before its weights are read. Every load runs on that one thread, in turn:
+inductor's loading is not made to run on two threads at once.
 
 The folder holds code that is executed: it is inductor's cache folder (TORCHINDUCTOR_CACHE_DIR, whose kernels
 inductor executes the same way) unless another is given; give only a folder that only you can write.
@@ -199,11 +199,12 @@ class GraphsOverBlocks(CallsByKind):
         return capturing
 
 
-def preload_key(config, dtype: torch.dtype, device: torch.device, mode: str) -> str:
+def preload_key(config, dtype: torch.dtype, device: torch.device, mode: str, low_memory: bool) -> str:
     """What the artefacts an engine uses depend on, beside its calls' shapes: the networks' structure (`config`),
-    dtype and device, and the compile mode."""
+    dtype and device, the compile mode and low_memory (which compiles fewer networks, with other options)."""
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
-    described = repr((FORMAT, BACKEND, config, str(dtype), name, mode, torch.__version__, network_source_hash()))
+    described = repr((FORMAT, BACKEND, config, str(dtype), name, mode, low_memory, torch.__version__,
+                      network_source_hash()))
     return hashlib.sha256(described.encode()).hexdigest()[:32]
 
 

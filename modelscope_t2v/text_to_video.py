@@ -112,7 +112,8 @@ class TextToVideo:
         device, dtype = default_device_and_dtype(device, dtype)
         folder = model_folder.open_folder(model_dir, base_model, half=dtype in HALF_DTYPES)
         if compile_cache and compile_mode(compile) and device.type == 'cuda':   # its artefacts load meanwhile
-            compile_cache = open_compile_cache(compile_cache, folder.config, dtype, device, compile_mode(compile))
+            compile_cache = open_compile_cache(compile_cache, (folder.config, dtype, device, compile_mode(compile),
+                                                               low_memory))
         importing = import_diffusers_meanwhile()   # the loading below imports no module of its own
         try:
             if half_cache and dtype in HALF_DTYPES:
@@ -567,15 +568,15 @@ def check_compile_options(compile, compile_cache, cuda_graphs) -> None:
                          f"compile={compile!r}); compile='reduce-overhead' gives compiled networks CUDA graphs")
 
 
-def open_compile_cache(compile_cache: bool | str, config: Optional[config_lib.ModelConfig] = None,
-                       dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None,
-                       mode: Optional[str] = None) -> CompileCache:
-    """The CompileCache that compile_cache (True or a folder) names; given the engine's model config, dtype, device
-    and compile mode, it starts loading what an earlier engine of those used (compile_cache.preload_key)."""
+def open_compile_cache(compile_cache: bool | str, engine: Optional[tuple] = None) -> CompileCache:
+    """The CompileCache that compile_cache (True or a folder) names; given the `engine` it will serve (its model
+    config, dtype, device, compile mode and low_memory: compile_cache.preload_key's arguments), it starts loading
+    what an earlier engine of those used."""
     use_torchs_ptxas()   # before any kernel loads
     folder = None if compile_cache is True else os.fspath(compile_cache)
-    key = config and preload_key(config, dtype, device, mode)
-    return CompileCache(folder, key=key, device=device)
+    if engine is None:
+        return CompileCache(folder)
+    return CompileCache(folder, key=preload_key(*engine), device=engine[2])
 
 
 def check_compile_cache(compile_cache) -> None:

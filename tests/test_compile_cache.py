@@ -26,7 +26,7 @@ from modelscope_t2v.compile_cache import CompileCache, artefact_counts, artefact
 from modelscope_t2v.cuda_graphs import call_kind
 from modelscope_t2v.config import TINY
 from modelscope_t2v.models.unet3d import UNet3D
-from modelscope_t2v.text_to_video import TextToVideo, check_compile_cache
+from modelscope_t2v.text_to_video import TextToVideo, check_compile_cache, open_compile_cache
 from reference import randomize_, rel_err
 
 SMALL = {'num_frames': 4, 'height': 64, 'width': 64, 'num_inference_steps': 3, 'seed': 7, 'output_type': 'frames'}
@@ -256,15 +256,19 @@ def test_artefacts_load_in_the_calling_thread_where_the_loader_thread_could_not_
     assert artefact_counts(copied) == (0, 1) and cache.loading == {}
 
 
-def test_the_preload_key_follows_the_architecture_dtype_device_and_mode():
+def test_the_preload_key_follows_the_architecture_dtype_device_mode_and_low_memory(tmp_path):
     from modelscope_t2v.config import FULL
     cpu, half = torch.device('cpu'), torch.float16
-    key = compile_cache.preload_key(TINY, half, cpu, 'reduce-overhead')
-    others = [compile_cache.preload_key(FULL, half, cpu, 'reduce-overhead'),
-              compile_cache.preload_key(TINY, torch.bfloat16, cpu, 'reduce-overhead'),
-              compile_cache.preload_key(TINY, half, cpu, 'default')]
-    assert key == compile_cache.preload_key(copy.deepcopy(TINY), half, cpu, 'reduce-overhead')
-    assert re.fullmatch('[0-9a-f]{32}', key) and len({key, *others}) == 4
+    key = compile_cache.preload_key(TINY, half, cpu, 'reduce-overhead', False)
+    others = [compile_cache.preload_key(FULL, half, cpu, 'reduce-overhead', False),
+              compile_cache.preload_key(TINY, torch.bfloat16, cpu, 'reduce-overhead', False),
+              compile_cache.preload_key(TINY, half, cpu, 'default', False),
+              compile_cache.preload_key(TINY, half, cpu, 'reduce-overhead', True)]
+    assert key == compile_cache.preload_key(copy.deepcopy(TINY), half, cpu, 'reduce-overhead', False)
+    assert re.fullmatch('[0-9a-f]{32}', key) and len({key, *others}) == 5
+    engine = (TINY, half, cpu, 'reduce-overhead', False)   # from_pretrained's, as it opens the cache
+    assert open_compile_cache(str(tmp_path), engine).used_file == str(tmp_path / f'used-{key}.txt')
+    assert open_compile_cache(str(tmp_path)).used_file is None
 
 
 def test_artefact_names_follow_what_a_trace_freezes(tmp_path, monkeypatch):
