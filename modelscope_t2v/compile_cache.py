@@ -80,8 +80,9 @@ class CompileCache:
             index = torch.cuda.current_device() if device.index is None else device.index
             initializer = functools.partial(torch.cuda.set_device, index)
         self.loader = ThreadPoolExecutor(1, 'modelscope-t2v-artefacts', initializer=initializer)
+        self.noted = read_used(self.used_file)   # the list in used_file, as read or last written here
         self.loading: Dict[str, Future] = {path: self.loader.submit(load_artefact, path)
-                                           for path in read_used(self.used_file) if os.path.exists(path)}
+                                           for path in self.noted if os.path.exists(path)}
 
     def compile(self, network: nn.Module, options: dict) -> None:
         """Make `network`'s calls run through compiled artefacts of its compile_regions() (of the whole network if
@@ -125,9 +126,10 @@ class CompileCache:
         """Wait for every build started, raising the first error: a generation ends with its networks compiled;
         then note the artefacts used so far for a later engine's preload, where they are new."""
         self.builder.wait()
-        if self.used_file and self.used != read_used(self.used_file):
+        if self.used_file and self.used != self.noted:
             save_atomically(lambda temporary: Path(temporary).write_text('\n'.join(self.used) + '\n'),
                             self.used_file)
+            self.noted = list(self.used)
 
 
 class CachedCalls(CallsByKind):
