@@ -122,6 +122,12 @@ class CompileCache:
         except futures.BrokenExecutor:
             return load_artefact(path)
 
+    def close(self) -> None:
+        """Drop the preloads not yet started: the engine this cache was opened for failed to load, and its
+        process need not wait for them (a pending load runs on)."""
+        self.loader.shutdown(wait=False, cancel_futures=True)
+        self.loading = {}
+
     def wait(self) -> None:
         """Wait for every build started, raising the first error: a generation ends with its networks compiled;
         then note the artefacts used so far for a later engine's preload, where they are new."""

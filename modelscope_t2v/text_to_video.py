@@ -126,6 +126,10 @@ class TextToVideo:
                 networks = model_folder.load_networks(folder)
             return cls.from_networks(folder.config, networks, model_dir, device, dtype, compile, low_memory,
                                      compile_cache, cuda_graphs)
+        except BaseException:
+            if isinstance(compile_cache, CompileCache):
+                compile_cache.close()
+            raise
         finally:
             importing.join()
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from modelscope_t2v import build_workers, compile_cache, parse_request
+from modelscope_t2v import build_workers, compile_cache, model_folder, parse_request
 from modelscope_t2v.compile_cache import CompileCache, artefact_counts, artefact_name
 from modelscope_t2v.cuda_graphs import call_kind
 from modelscope_t2v.config import TINY
@@ -254,6 +254,29 @@ def test_artefacts_load_in_the_calling_thread_where_the_loader_thread_could_not_
     cache.compile(copied, {})
     assert rel_err(copied(x), expected) < 1e-6
     assert artefact_counts(copied) == (0, 1) and cache.loading == {}
+
+
+def test_an_engine_that_fails_to_load_drops_the_preloads_not_yet_started(tiny_model_dir, tmp_path, monkeypatch):
+    """from_pretrained failing after it opened the cache (here its weights) cancels the queued preloads: the
+    process need not wait for artefacts no engine will use. The load under way runs on."""
+    paths = [str(tmp_path / f'Block-{i}.bin') for i in range(3)]
+    for path in paths:
+        open(path, 'wb').close()
+    (tmp_path / 'used-k.txt').write_text('\n'.join(paths) + '\n')
+    started, release = threading.Event(), threading.Event()
+    monkeypatch.setattr(compile_cache, 'load_artefact', lambda path: started.set() or release.wait(30))
+    cache = CompileCache(str(tmp_path), key='k')
+    loading = list(cache.loading.values())
+    assert started.wait(30)   # the first load is under way
+
+    def fail(folder):
+        raise OSError('weights unreadable')
+    monkeypatch.setattr(model_folder, 'load_networks', fail)
+    with pytest.raises(OSError, match='weights unreadable'):
+        TextToVideo.from_pretrained(tiny_model_dir, device='cpu', compile_cache=cache)
+    release.set()
+    assert loading[0].result(timeout=30) is True
+    assert [future.cancelled() for future in loading] == [False, True, True] and cache.loading == {}
 
 
 def test_the_preload_key_follows_the_architecture_dtype_device_mode_and_low_memory(tmp_path):
