@@ -122,10 +122,11 @@ class CompileCache:
         except futures.BrokenExecutor:
             return load_artefact(path)
 
-    def close(self) -> None:
+    def cancel_preloads(self) -> None:
         """Drop the preloads not yet started: the engine this cache was opened for failed to load, and its
-        process need not wait for them (a pending load runs on)."""
-        self.loader.shutdown(wait=False, cancel_futures=True)
+        process need not wait for them (a load under way runs on). The cache stays usable."""
+        for loading in self.loading.values():
+            loading.cancel()
         self.loading = {}
 
     def wait(self) -> None:

@@ -128,7 +128,7 @@ class TextToVideo:
                                      compile_cache, cuda_graphs)
         except BaseException:
             if isinstance(compile_cache, CompileCache):
-                compile_cache.close()
+                compile_cache.cancel_preloads()
             raise
         finally:
             importing.join()
