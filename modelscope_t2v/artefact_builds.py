@@ -117,7 +117,10 @@ def build_from_skeleton(skeleton: bytes, arguments: list, device: str, path: str
     """A worker's build: the skeleton network and arguments (pickled_skeleton, skeleton_of) filled with random
     values on `device`, then build_artefact, with `threads` of inductor's compile threads."""
     import torch._inductor.config
+
+    from .torch_key import restore_torch_key
     torch._inductor.config.compile_threads = threads
+    restore_torch_key(os.path.dirname(path))
     network = pickle.loads(skeleton).to_empty(device=device)
     with torch.no_grad():
         for tensor in [*network.parameters(), *network.buffers()]:

@@ -27,7 +27,8 @@ A warm start loads its artefacts while the weights load: each engine's cache wri
 artefacts its calls used in the order they first used them (used-KEY.txt in the folder; KEY the engine's model
 structure, dtype, device, mode and low_memory: preload_key), and a later engine of that key starts loading them on
 a thread as soon as it is made, before its weights are read. Every load runs on that one thread, in turn:
-inductor's loading is not made to run on two threads at once.
+inductor's loading is not made to run on two threads at once. Inductor's torch_key, which every load checks, is
+read from the folder where an earlier process wrote it for the same torch files (torch_key.py), not computed again.
 
 The folder holds code that is executed: it is inductor's cache folder (TORCHINDUCTOR_CACHE_DIR, whose kernels
 inductor executes the same way) unless another is given; give only a folder that only you can write.
@@ -49,6 +50,7 @@ from torch import nn
 
 from .artefact_builds import Builder, default_workers, save_atomically, weight_places
 from .cuda_graphs import CallsByKind, frozen_call
+from .torch_key import remember_torch_key, restore_torch_key
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ class CompileCache:
             initializer = functools.partial(torch.cuda.set_device, index)
         self.loader = ThreadPoolExecutor(1, 'modelscope-t2v-artefacts', initializer=initializer)
         self.noted = read_used(self.used_file)   # the list in used_file, as read or last written here
+        restore_torch_key(self.folder)   # else the first load computes it: 1-1.9 s on the loader thread (torch_key.py)
         self.loading: Dict[str, Future] = {path: self.loader.submit(load_artefact, path)
                                            for path in self.noted if os.path.exists(path)}
 
@@ -131,8 +134,11 @@ class CompileCache:
 
     def wait(self) -> None:
         """Wait for every build started, raising the first error: a generation ends with its networks compiled;
-        then note the artefacts used so far for a later engine's preload, where they are new."""
+        then note the artefacts used so far for a later engine's preload, where they are new, and inductor's
+        torch_key."""
         self.builder.wait()
+        if self.artefacts:   # loading them computed inductor's torch_key: kept for a later process
+            remember_torch_key(self.folder)
         if self.used_file and self.used != self.noted:
             save_atomically(lambda temporary: Path(temporary).write_text('\n'.join(self.used) + '\n'),
                             self.used_file)

@@ -27,6 +27,7 @@ from modelscope_t2v.cuda_graphs import call_kind
 from modelscope_t2v.config import TINY
 from modelscope_t2v.models.unet3d import UNet3D
 from modelscope_t2v.text_to_video import TextToVideo, check_compile_cache, open_compile_cache
+from modelscope_t2v.torch_key import key_path
 from reference import randomize_, rel_err
 
 SMALL = {'num_frames': 4, 'height': 64, 'width': 64, 'num_inference_steps': 3, 'seed': 7, 'output_type': 'frames'}
@@ -147,21 +148,25 @@ import json, sys
 import numpy as np
 from torch._dynamo.utils import counters
 from modelscope_t2v import TextToVideo, parse_request
+from modelscope_t2v import compile_cache
 from modelscope_t2v.compile_cache import artefact_counts
+restored, restore = [], compile_cache.restore_torch_key
+compile_cache.restore_torch_key = lambda folder: restored.append(restore(folder)) or restored[-1]
 model_dir, folder, out, small = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 engine = TextToVideo.from_pretrained(model_dir, device='cpu')
 engine.compile_networks('default', compile_cache=folder)
 np.save(out, engine(parse_request({'text': 'a panda playing the guitar'}, engine.config, **small)).frames[0])
 counts = [artefact_counts(n) for n in (engine.unet, engine.text_encoder, engine.autoencoder.decoder)]
 print(json.dumps({'built': [c[0] for c in counts], 'loaded': [c[1] for c in counts],
-                  'dynamo_frames': counters['stats'].get('unique_graphs', 0)}))
+                  'dynamo_frames': counters['stats'].get('unique_graphs', 0), 'torch_key_restored': restored}))
 '''
 
 
 @pytest.mark.slow
 def test_a_second_process_loads_the_artefacts_without_tracing(cached_generation, tiny_model_dir, tmp_path):
-    """A fresh interpreter on the same folder: every network loaded, none built, dynamo never traces, and the
-    frames are the first process's exactly (the same kernels)."""
+    """A fresh interpreter on the same folder: every network loaded, none built, dynamo never traces, inductor's
+    torch_key is the one the first process noted, and the frames are the first process's exactly (the same
+    kernels)."""
     engine, _, frames, folder = cached_generation
     out = str(tmp_path / 'frames.npy')
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [os.path.dirname(HERE),
@@ -170,7 +175,7 @@ def test_a_second_process_loads_the_artefacts_without_tracing(cached_generation,
                             env=env, check=True, stdout=subprocess.PIPE, text=True)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     print('second process:', report)
-    assert report == {'built': [0, 0, 0], 'loaded': blocks(engine), 'dynamo_frames': 0}
+    assert report == {'built': [0, 0, 0], 'loaded': blocks(engine), 'dynamo_frames': 0, 'torch_key_restored': [True]}
     assert np.array_equal(np.load(out), frames)
 
 
@@ -209,7 +214,8 @@ def test_a_later_cache_of_the_key_preloads_the_artefacts_the_first_used_on_a_thr
     first.compile_networks('default', compile_cache=CompileCache(str(tmp_path), key='k'))
     first(parse_request(PROMPT, first.config, **SMALL))   # builds, then notes what its calls asked for
     noted = (tmp_path / 'used-k.txt').read_text().split()
-    assert noted == first.compile_cache.used and len(noted) == len(set(noted)) == len(os.listdir(tmp_path)) - 1
+    assert noted == first.compile_cache.used and len(noted) == len(set(noted)) == len(os.listdir(tmp_path)) - 2
+    assert os.path.exists(key_path(str(tmp_path)))   # and inductor's torch_key, for a later process
     assert os.path.basename(noted[0]).startswith('ResidualAttentionBlock-')   # the text encoder's calls came first
     assert all(os.path.dirname(path) == str(tmp_path) and os.path.exists(path) for path in noted)
 
@@ -350,7 +356,7 @@ def test_unreadable_artefact_is_compiled_again(tmp_path, caplog, monkeypatch):
     assert seen == [(1, 0), (1, 0), (0, 1)]
     assert any('unreadable' in record.getMessage() and str(path) in record.getMessage() for record in caplog.records)
     assert max(rel_err(output, expected) for output in outputs) < 1e-6
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, os.path.basename(key_path(str(tmp_path)))])
 
 
 @pytest.mark.parametrize('value,error,message', [(3, TypeError, 'compile_cache=3 is not True, False or a folder'),
