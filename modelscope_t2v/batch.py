@@ -60,10 +60,10 @@ EXAMPLE = ('prompts.jsonl:  {"text": "A panda eating bamboo on a rock.", "seed":
            'N GPUs:         torchrun --nproc-per-node N -m modelscope_t2v.batch prompts.jsonl --out videos')
 
 
-# Compiling through the compile cache pays back from about this many videos of one shape: on an H100 its cold
-# start-up (49.7 s) is 39.1 s more than that of the uncompiled networks under CUDA graphs (10.6 s), and it then
-# saves 1.15 s a default video (1.34 s against 2.49 s; docs/benchmarks.md); each shape compiles anew, once a
-# machine (a later job loads it: 9.6 s).
+# Compiling through the compile cache pays back from about this many videos of one shape: on H100 host A its cold
+# start-up was 39.1 s more than that of the uncompiled networks under CUDA graphs (10.6 s), and it then saves
+# 1.15 s a default video (1.34 s against 2.49 s; docs/benchmarks.md, start-up); each shape compiles anew, once a
+# machine (a later job loads it: 8.6-12.5 s of start-up).
 COMPILE_PAYS_BACK_AFTER = 34
 
 

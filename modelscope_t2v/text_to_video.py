@@ -102,7 +102,7 @@ class TextToVideo:
             from CUDA graphs (capture_graphs): seconds of capture instead of
             minutes of compiling, and no waiting for the host's kernel launches.
         low_memory: keep the text encoder and autoencoder on the CPU between their
-            uses and decode one frame at a time (docs/benchmarks.md: peak memory).
+            uses and decode one frame at a time (docs/benchmarks.md: memory options).
         half_cache: True or a folder: read the weights from a float16/bfloat16
             safetensors copy, written there on first use (half_cache.py).
         base_model: a folder with the original files that a partial original-format
@@ -475,8 +475,8 @@ def activation_bytes(config: config_lib.ModelConfig, request: GenerationRequest,
     - the latents: each text's noise prediction, rows x 4 x A x b, beside the float32 starting noise.
     Caches, workspaces, attention and the weights come on top. For the real model at 256x256, 16 frames in
     float16 this gives 0.26 GiB for the UNet and 0.31 GiB for a decode in chunks of 4 frames (1.25 GiB for
-    all 16 at once), where docs/benchmarks.md measures 0.53 and 1.46 GiB for the compiled decoder alone, and
-    4.03 GiB for a whole eager generation over 3.45 GiB of weights.
+    all 16 at once), where docs/decisions.md measures 0.53 and 1.46 GiB for the compiled decoder alone, and
+    docs/benchmarks.md 4.03 GiB for a whole eager generation over 3.45 GiB of weights.
     """
     unet, autoencoder = config.unet, config.autoencoder
     b = torch.finfo(dtype).bits // 8
@@ -613,7 +613,7 @@ def use_torchs_ptxas(torch_folder: str = os.path.dirname(torch.__file__)) -> Non
     """Point Triton at the ptxas torch ships (TRITON_PTXAS_PATH), where there is one and none is set, before any
     kernel compiles. Inductor does so when it first compiles or loads a kernel, and the ptxas is part of
     Triton's cache key: our Triton kernels, first compiled before that in a cold process, would compile again
-    in every later one (2 s of a warm start on an H100, docs/benchmarks.md)."""
+    in every later one (2.9 s of a warm start on an H100, docs/decisions.md)."""
     ptxas = os.path.join(torch_folder, 'bin', 'ptxas')
     if 'TRITON_PTXAS_PATH' not in os.environ and os.access(ptxas, os.X_OK):
         os.environ['TRITON_PTXAS_PATH'] = ptxas
