@@ -601,7 +601,7 @@ def check_compile_cache(compile_cache) -> None:
 def compile_options(mode: str) -> dict:
     """The inductor options of torch.compile's `mode`, and programmatic dependent launch where this
     torch has it: on Hopper and newer each Triton kernel starts while the kernel before it ends
-    (-0.3 ms a guided step on an H200); other GPUs ignore it."""
+    (-0.23 ms a guided step on an H200); other GPUs ignore it."""
     import torch._inductor
     options = dict(torch._inductor.list_mode_options(mode))
     if hasattr(torch._inductor.config.triton, 'enable_pdl'):   # torch 2.11 has it

@@ -224,13 +224,12 @@ class AutoencoderKL(nn.Module):
         values unchanged. `compile(decoder, options)` compiles in place instead of nn.Module.compile
         (compile_cache.CompileCache.compile).
 
-        On an H200 a 16-frame decode in 4-frame chunks takes 28.1 ms, against 54.5 ms
-        eager, for about 30 s of compiling once per process. With CUDA graphs (the
-        options of mode 'reduce-overhead') each GroupNorm also takes its statistics
-        per channel first (group_norm.py), and each decode's output is copied out
-        of the graph: 23.9 ms. Without graphs those statistics do not pay: the
-        GPU's work falls from 27.3 to 22.8 ms, but the host's 800 kernel launches
-        then take longer, 30.3 ms (docs/decisions.md).
+        On an H200 a 16-frame decode in 4-frame chunks takes 27.9 ms, against 52.2 ms
+        eager, for a compile once per process. With CUDA graphs (the options of mode
+        'reduce-overhead') each GroupNorm also takes its statistics per channel first
+        (group_norm.py), and each decode's output is copied out of the graph: 23.9 ms
+        against 28.1 without those statistics. Without graphs they do not pay: 30.3 ms,
+        the host's kernel launches then taking longer (docs/decisions.md).
         """
         graphs = bool((options or {}).get('triton.cudagraphs'))
         self.decoder.to(memory_format=torch.channels_last)

@@ -42,7 +42,7 @@ if not hasattr(torch.library, 'triton_op'):  # torch < 2.6
 
 MAX_FRAMES = 128
 HEAD_SIZES = (16, 32, 64, 128)
-KERNEL_WARPS = 1   # per program: the fastest over the model's calls on an H200 (docs/benchmarks.md)
+KERNEL_WARPS = 1   # per program: the fastest over the model's calls on an H200 (docs/decisions.md)
 
 
 def multi_head_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,8 @@ def kernel_works(device: torch.device) -> bool:
 
 
 def efficient_sdpa():
-    """Of SDPA's kernels, the memory-efficient one suits short sequences best (a third faster on an H200)."""
+    """Of SDPA's kernels, the memory-efficient one suits short sequences best: 2.49 ms a guided step on an H200
+    against cuDNN's 3.62 (docs/decisions.md)."""
     return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
 
 

@@ -12,9 +12,8 @@ tap, and sums them frame-shifted; under torch.compile the GroupNorm after the
 conv reads those 3 co columns back, twice. The kernel writes co columns once:
 0.56 ms less a guided UNet step on an H200. It pays where it has at least
 MIN_TILES_PER_SM output tiles per SM, at the 32x32 and 16x16 levels of the
-UNet (bench/step_timing.py, docs/benchmarks.md).
-With fewer tiles its one program per SM idles where cuBLAS splits the work
-finer (8x8: 47.6 us against 34.2 for the GEMM alone).
+UNet (bench/step_timing.py, docs/decisions.md). With fewer tiles, at 8x8 and
+4x4, its one program per SM idles where cuBLAS splits the work finer.
 
 The kernel serves float16 CUDA tensors on Hopper and newer (TMA), with
 gradients off (it has no backward); everything else runs the plain path, so
@@ -93,7 +92,7 @@ def kernel_works(device: torch.device) -> bool:
 
 def output_columns_per_tile(co: int) -> int:
     """MAX_N, or the least power of two from 16 up that holds co. Where MAX_N does not divide co the last
-    tile is cut short: at co = 320, 3 tiles of 128 took 52 us where 5 of 64 took 66 (docs/benchmarks.md)."""
+    tile is cut short: at co = 320, 3 tiles of 128 took 52 us where 5 of 64 took 66 (H200, 11-30)."""
     return min(MAX_N, max(16, 1 << (co - 1).bit_length()))
 
 
