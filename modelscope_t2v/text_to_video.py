@@ -370,7 +370,7 @@ class TextToVideo:
             return start.to(self.device, self.dtype).expand(n, -1, -1, -1, -1)
         frames = start[None] if request.init_video is None else np.resize(
             start, (request.num_frames,) + start.shape[1:])   # np.resize repeats the frames in order
-        pixels = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
+        pixels = torch.tensor(frames, device=self.device)   # a copy: the frames may be a read-only view
         pixels = rearrange(pixels, 'f h w c -> f c h w').to(torch.float32) / 255 * 2 - 1
         if pixels.shape[-2:] != (request.height, request.width):
             pixels = F.interpolate(pixels, size=(request.height, request.width), mode='bicubic',

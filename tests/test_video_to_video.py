@@ -1,5 +1,7 @@
 """Video-to-video against diffusers' VideoToVideoSDPipeline, image-to-video, and long videos (FreeNoise)."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -166,6 +168,17 @@ def test_an_image_file_gives_the_same_video_as_its_pixels(tiny, tmp_path):
     b = run(tiny, init_image=image, num_frames=2, height=64, width=64, output_type='latents')
     assert torch.equal(a.latents, b.latents)
 
+
+
+def test_a_read_only_image_is_taken_without_a_warning(tiny):
+    image = frames_of(8, f=1)[0]
+    frozen = image.copy()
+    frozen.setflags(write=False)   # as np.asarray of a PIL image or a decoded frame
+    with warnings.catch_warnings():
+        warnings.filterwarnings('error', message='.*not writable')
+        a = run(tiny, init_image=frozen, num_frames=2, height=64, width=64, output_type='latents')
+    b = run(tiny, init_image=image, num_frames=2, height=64, width=64, output_type='latents')
+    assert torch.equal(a.latents, b.latents)
 
 # -- long videos -----------------------------------------------------------------------------
 
