@@ -1,13 +1,14 @@
 """Videos per minute of `modelscope-t2v batch` on 1..N GPUs, through torchrun.
 
-    python bench/batch_scaling.py --out results.json [--gpus 1,2] [--prompts 16] [--compile] [--model-dir DIR]
+    python bench/batch_scaling.py --out results.json [--gpus 1,2] [--prompts 16] [--compile] [--videos-per-call N]
+                                  [--model-dir DIR]
 
 Writes a real-size random model where --model-dir has none (random weights do the arithmetic of real ones)
 and a prompts file of default generations (16 frames, 256x256, DDIM 50,
 guidance 9), then runs the batch job once per GPU count; without --compile the job decides itself whether
 to compile (batch.COMPILE_PAYS_BACK_AFTER). Reports the wall time
 of the whole job (model loading included) and the generation time summed from
-the manifest; the rate after each rank's first video (which pays for compiling); and the time before the first
+the manifest; the rate after each rank's first generation (which pays for compiling); and the time before the first
 video's generation (process start, imports, loading on every rank).
 """
 
@@ -25,10 +26,10 @@ from modelscope_t2v.config import FULL  # noqa: E402
 from modelscope_t2v.tools.make_random_model import write_model_dir  # noqa: E402
 
 
-def run_batch(gpus: int, prompts: str, model_dir: str, out_dir: str, compile: bool) -> tuple:
+def run_batch(gpus: int, prompts: str, model_dir: str, out_dir: str, flags: list) -> tuple:
     """(time.time() at the start, wall seconds) of one torchrun batch job."""
     cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc-per-node={gpus}', '-m', 'modelscope_t2v.batch',
-           prompts, '--out', out_dir, '--model', model_dir, '--no-progress'] + ['--compile'] * compile
+           prompts, '--out', out_dir, '--model', model_dir, '--no-progress'] + flags
     started, start = time.time(), time.perf_counter()
     subprocess.run(cmd, check=True)
     return started, time.perf_counter() - start
@@ -40,6 +41,8 @@ def main(argv=None):
     parser.add_argument('--gpus', default='1,2')
     parser.add_argument('--prompts', type=int, default=16)
     parser.add_argument('--compile', action='store_true', help="the batch job's --compile")
+    parser.add_argument('--videos-per-call', type=int, default=None,
+                        help="the batch job's --videos-per-call (default: the job's own, 2 on CUDA)")
     parser.add_argument('--model-dir', default=None, help='the model dir (written if missing; default: a new one)')
     args = parser.parse_args(argv)
     command = ' '.join(['python bench/batch_scaling.py'] + (sys.argv[1:] if argv is None else argv))
@@ -51,20 +54,25 @@ def main(argv=None):
     with open(prompts, 'w') as f:
         for i in range(args.prompts):
             f.write(json.dumps({'text': f'A panda eating bamboo on a rock, take {i}.', 'seed': i}) + '\n')
+    flags = ['--compile'] * args.compile
+    if args.videos_per_call is not None:
+        flags += ['--videos-per-call', str(args.videos_per_call)]
+    per_call = args.videos_per_call or 2
     rows = []
     for gpus in map(int, args.gpus.split(',')):
         out_dir = os.path.join(work, f'videos-{gpus}')
-        started, wall = run_batch(gpus, prompts, model_dir, out_dir, args.compile)
+        started, wall = run_batch(gpus, prompts, model_dir, out_dir, flags)
         with open(os.path.join(out_dir, 'manifest.jsonl')) as f:
             entries = [json.loads(line) for line in f]
         assert len(entries) == args.prompts, (gpus, len(entries))
         seconds = [e['seconds'] for e in entries]
         entries.sort(key=lambda e: e['finished_at'])
-        finished = [e['finished_at'] for e in entries]   # after each rank's first video, which pays for compiling:
-        steady = 60 * (len(finished) - gpus) / (finished[-1] - finished[gpus - 1])   # all ranks, one rate
+        finished = [e['finished_at'] for e in entries]   # after each rank's first generation, which compiles:
+        first = gpus * per_call
+        steady = 60 * (len(finished) - first) / (finished[-1] - finished[first - 1])   # all ranks, one rate
         start_and_load = finished[0] - started - entries[0]['seconds']   # before the first video's generation
-        flags = '--compile' if args.compile else "(none: the job's own choice)"
-        rows.append({'gpus': gpus, 'videos': len(entries), 'batch_flags': flags, 'wall_s': wall,
+        rows.append({'gpus': gpus, 'videos': len(entries), 'batch_flags': ' '.join(flags) or "(the job's own)",
+                     'wall_s': wall,
                      'videos_per_minute': 60 * len(entries) / wall,
                      'generation_s_per_video': sum(seconds) / len(seconds), 'start_and_load_s': start_and_load,
                      'first_video_s': entries[0]['seconds'],

@@ -5,7 +5,9 @@ reported on stderr with its number and skipped. Each finished video gets one
 line in DIR/manifest.jsonl: {"line", "output", "seconds", "parameters" (seed
 included), "request", "rank", "finished_at"}. A rerun skips an item only when
 its manifest entry exists AND its file decodes to the entry's frame count and
-size (video_io.probe_video); anything else is made again.
+size (video_io.probe_video); anything else is made again. Lines whose options differ only in
+their text, negative prompt, seed and output share each generation, --videos-per-call at a time
+(batch_calls.py), each video from its own line's seed.
 
 Several GPUs or nodes: `torchrun --nproc-per-node N -m modelscope_t2v.batch ...`.
 Rank r takes the lines of index i (0-based) with i % world_size == r, runs on
@@ -34,6 +36,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import scratch, video_io
+from .batch_calls import MAX_VIDEOS_PER_CALL, Call, make_call, plan_calls
 from .cli import (add_generation_flags, add_model_flags, apply_compile_flags, generation_options, guarded,
                   load_pipeline, quiet_modelscope, resolve_models)
 from .model_folder import open_folder
@@ -106,8 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--overwrite', action='store_true', help='make every line again, finished or not')
     add_model_flags(parser)
     add_generation_flags(parser)
+    parser.add_argument('--videos-per-call', type=videos_per_call_flag, metavar='N',
+                        help='lines whose options differ only in text, negative prompt, seed and output are made '
+                        f'N to a generation, one video per row of the UNet\'s batch (1-{MAX_VIDEOS_PER_CALL}; '
+                        'default 2 on CUDA, 1 on the CPU); each line\'s video comes from its own seed all the same')
     parser.add_argument('--verbose', action='store_true', help='log progress details')
     return parser
+
+
+def videos_per_call_flag(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a whole number') from None
+    if not 1 <= value <= MAX_VIDEOS_PER_CALL:
+        raise argparse.ArgumentTypeError(f'{value} is outside 1-{MAX_VIDEOS_PER_CALL}')
+    return value
 
 
 # --- the prompts file -------------------------------------------------------------
@@ -325,19 +342,6 @@ def resolve_model(args, ranks: Ranks) -> tuple:
     return dirs
 
 
-def generate(pipe, item: Item, rank: int) -> Tuple[object, dict]:
-    """Make one item's frames (f, h, w, 3) uint8 on the GPU; (frames, its manifest entry)."""
-    options = {k: v for k, v in item.values.items() if k not in ('text', 'output')}
-    options.update(seed=item.request.seed, output_type='frames')
-    if item.request.show_progress is not None:
-        options['show_progress'] = item.request.show_progress
-    start = time.perf_counter()
-    out = pipe({'text': item.values['text']}, **options)
-    entry = {'line': item.line, 'output': item.output, 'seconds': time.perf_counter() - start,
-             'parameters': out['parameters'], 'request': item.values, 'rank': rank}
-    return out['frames'], entry
-
-
 def write_item(frames, entry: dict, out_dir: str) -> dict:
     """Encode one item's video as the pipeline would (its parameters in the file's comment); the entry, timed."""
     start = time.perf_counter()
@@ -372,19 +376,44 @@ def run_items(args, items: List[Item], done: Dict[int, dict], ranks: Ranks, dirs
         counts['made'] += 1
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix='modelscope-t2v-writer') as writer:
-        pending = None   # (item, its file being written)
-        for item in todo:
-            try:
-                frames, entry = generate(pipe, item, ranks.rank)
-            except Exception as error:  # e.g. out of memory at one size: report it, go on with the rest
-                report_failure(item, error, counts)
-                continue
-            if pending:
-                finish(*pending)
-            pending = (item, writer.submit(write_item, frames, entry, args.out))
-        if pending:
-            finish(*pending)
+        pending = []   # (item, its file being written) of the previous call
+        apart = set()  # keys whose lines failed together: made one at a time from then on
+        for call in plan_calls(todo, videos_per_call(args)):
+            made = make_videos(pipe, call, ranks.rank, counts, apart)
+            for item_and_writing in pending:
+                finish(*item_and_writing)
+            pending = [(item, writer.submit(write_item, frames, entry, args.out)) for item, frames, entry in made]
+        for item_and_writing in pending:
+            finish(*item_and_writing)
     return [counts['made'], len(mine) - len(todo), counts['failed']]
+
+
+def make_videos(pipe, call: Call, rank: int, counts: dict, apart: set) -> list:
+    """A call's (item, frames, entry) per item. Where lines made together fail (out of memory at that batch size,
+    a NaN in one video), each is made again alone, and so are the later lines of their key (added to `apart`):
+    a line's failure is its own."""
+    if len(call.rows) > 1 and call.key in apart:
+        return [made for alone in call.alone() for made in make_videos(pipe, alone, rank, counts, apart)]
+    try:
+        return make_call(pipe, call, rank)
+    except Exception as error:  # e.g. out of memory at one size: report it, go on with the rest
+        if len(call.rows) == 1:
+            report_failure(call.items[0], error, counts)
+            return []
+        lines = ', '.join(str(item.line) for item in call.items)
+        print(f'modelscope-t2v batch: lines {lines} made together failed ({type(error).__name__}: {error}); '
+              'making them and the later lines of these options one at a time', file=sys.stderr)
+        apart.add(call.key)
+    return make_videos(pipe, call, rank, counts, apart)
+
+
+def videos_per_call(args) -> int:
+    """--videos-per-call, else 2 on CUDA (a default video's guided step: 23.17 ms a video against 25.3 alone on
+    an H200, docs/benchmarks.md) and 1 elsewhere."""
+    from .pipeline import torch_device
+    if args.videos_per_call is not None:
+        return args.videos_per_call
+    return 2 if torch_device(args.device).type == 'cuda' else 1
 
 
 def compile_pays_back(args, todo: List[Item]) -> bool:

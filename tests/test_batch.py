@@ -276,3 +276,99 @@ def test_a_batch_that_chooses_to_compile_keeps_it_in_the_compile_cache(tiny_mode
     prompts = write_lines(tmp_path / 'prompts.jsonl', [{'text': 'a panda', 'seed': 1}])
     assert batch.main([prompts, '--out', str(tmp_path / 'out'), '--model', tiny_model_dir] + flags) != 0
     assert loaded == [(compiles, keeps)]
+
+
+def item(line, seed=None, sampler='ddim', eta=0.0, **values):
+    from types import SimpleNamespace
+    values = {'text': f'line {line}', 'seed': seed if seed is not None else line, 'output': f'{line:05d}.mp4',
+              'sampler': sampler, 'eta': eta, **values}
+    return SimpleNamespace(line=line, values=values, request=SimpleNamespace(sampler=sampler, eta=eta))
+
+
+def test_lines_of_equal_options_are_planned_together_and_a_short_last_call_is_padded():
+    from modelscope_t2v.batch_calls import plan_calls
+    items = [item(1), item(2, negative_prompt='blur'), item(3, num_frames=24), item(4), item(5, eta=0.5),
+             item(6), item(7, sampler='euler-a'), item(8, num_frames=24), item(9, eta=0.5), item(10, seed=1)]
+    calls = plan_calls(items, 2)
+    assert [([i.line for i in c.items], c.padding) for c in calls] == [   # 5, 7 and 9 draw step noise: alone
+        ([1, 2], 0), ([3, 8], 0), ([4, 6], 0), ([5], 0), ([7], 0), ([9], 0), ([10], 1)]
+    assert [i.line for i in calls[-1].rows] == [10, 10]
+    assert [([i.line for i in c.items], c.padding) for c in plan_calls(items, 1)] == [([n], 0) for n in range(1, 11)]
+    assert [([i.line for i in c.items], c.padding) for c in plan_calls(items, 8)][:2] == [([1, 2, 4, 6, 10], 0),
+                                                                                           ([3, 8], 0)]
+
+
+def test_lines_made_two_to_a_call_are_the_videos_each_line_makes_alone(tiny_model_dir, tmp_path, generated, capsys):
+    """Lines 1, 2 and 4 share one call, 3 (other frames) and 5 (eta > 0: step noise from its seed) are made alone.
+    Each video is the one its line makes alone, within 1 uint8 level in the decoded mp4 (float32 on the CPU: the
+    batch only changes the matmuls' summation order), and its manifest has the line's seed."""
+    from modelscope_t2v import video_io
+    lines = [{'text': 'line 1', 'seed': 11}, {'text': 'line 2', 'seed': 5, 'negative_prompt': 'blur'},
+             {'text': 'line 3', 'seed': 3, 'num_frames': 3}, {'text': 'line 4', 'seed': 11},
+             {'text': 'line 5', 'seed': 4, 'eta': 0.5}]
+    prompts = write_lines(tmp_path / 'prompts.jsonl', lines)
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f'out{n}'
+        generated.clear()
+        assert batch.main([prompts, '--out', str(out), '--model', tiny_model_dir, '--videos-per-call', str(n)]
+                          + TINY_FLAGS) == 0, capsys.readouterr().err
+        runs[n] = (list(generated), manifest(out / 'manifest.jsonl'),
+                   {k: video_io.read_frames(out / f'{k:05d}.mp4').astype(int) for k in range(1, 6)})
+    assert runs[1][0] == [f'line {k}' for k in range(1, 6)]
+    assert runs[2][0] == ['line 1', 'line 2', 'line 3', 'line 4', 'line 4', 'line 5']   # 1 and 2 paired, 4 padded
+    for one, two in zip(runs[1][1], runs[2][1]):
+        assert one['parameters'] == two['parameters'] and one['request'] == two['request']
+    assert [e['parameters']['seed'] for e in runs[2][1]] == [11, 5, 3, 11, 4]
+    assert [runs[2][2][k].shape[0] for k in range(1, 6)] == [2, 2, 3, 2, 2]
+    assert all(abs(runs[1][2][k] - runs[2][2][k]).max() <= 1 for k in range(1, 6))
+    assert abs(runs[2][2][1] - runs[2][2][2]).max() > 10   # the rows are not one video twice
+
+
+def test_lines_that_fail_together_are_made_again_alone(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Line 2 fails in any call (a NaN, say): made together with line 1, both fail; line 1 alone then succeeds,
+    and lines 3 and 4, of the same options, are made one at a time too."""
+    made, call = [], TextToVideo.__call__
+
+    def failing(self, request):
+        made.append(request.prompts)
+        if 'line 2' in request.prompts:
+            raise RuntimeError('line 2 decoded NaN')
+        return call(self, request)
+
+    monkeypatch.setattr(TextToVideo, '__call__', failing)
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    prompts = write_lines(tmp_path / 'prompts.jsonl', [{'text': f'line {n}', 'seed': n} for n in (1, 2, 3, 4)])
+    out = tmp_path / 'out'
+    status = batch.main([prompts, '--out', str(out), '--model', tiny_model_dir, '--videos-per-call', '2']
+                        + TINY_FLAGS)
+    err = capsys.readouterr().err
+    assert status == batch.EXIT_SOME_FAILED
+    assert made == [('line 1', 'line 2'), ('line 1',), ('line 2',), ('line 3',), ('line 4',)]
+    assert err.count('made together failed') == 1
+    assert ('lines 1, 2 made together failed (RuntimeError: line 2 decoded NaN); making them and the later lines '
+            'of these options one at a time') in err
+    assert 'line 2: failed: RuntimeError: line 2 decoded NaN' in err and 'line 1: failed' not in err
+    assert [e['line'] for e in manifest(out / 'manifest.jsonl')] == [1, 3, 4]
+    assert sorted(os.listdir(out)) == ['00001.mp4', '00003.mp4', '00004.mp4', 'manifest.jsonl']
+
+
+@pytest.mark.parametrize('value, reason', [('0', '0 is outside 1-16'), ('17', '17 is outside 1-16'),
+                                           ('two', "'two' is not a whole number")])
+def test_a_bad_videos_per_call_is_refused_before_loading(tmp_path, capsys, value, reason):
+    prompts = write_lines(tmp_path / 'prompts.jsonl', [{'text': 'a panda'}])
+    with pytest.raises(SystemExit) as stopped:
+        batch.main([prompts, '--out', str(tmp_path / 'out'), '--videos-per-call', value])
+    assert stopped.value.code == 2
+    assert f'--videos-per-call: {reason}' in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('flag, device, expected', [(None, 'cuda', 2), (None, 'cpu', 1), (4, 'cpu', 4),
+                                                    (1, 'cuda', 1)])
+def test_two_videos_a_call_on_cuda_unless_told(monkeypatch, flag, device, expected):
+    import torch
+    from types import SimpleNamespace
+    from modelscope_t2v import pipeline
+    monkeypatch.setattr(pipeline, 'torch_device', lambda name: torch.device(device))
+    assert batch.videos_per_call(SimpleNamespace(videos_per_call=flag, device='gpu')) == expected
