@@ -299,7 +299,8 @@ def test_lines_of_equal_options_are_planned_together_and_a_short_last_call_is_pa
 
 
 def test_lines_made_two_to_a_call_are_the_videos_each_line_makes_alone(tiny_model_dir, tmp_path, generated, capsys):
-    """Lines 1, 2 and 4 share one call, 3 (other frames) and 5 (eta > 0: step noise from its seed) are made alone.
+    """Lines 1 and 2 share one call, 4 (of their options too) a call padded with its copy; 3 (other frames) and 5
+    (eta > 0: step noise from its seed) are made alone.
     Each video is the one its line makes alone, within 1 uint8 level in the decoded mp4 (float32 on the CPU: the
     batch only changes the matmuls' summation order), and its manifest has the line's seed."""
     from modelscope_t2v import video_io
