@@ -599,13 +599,18 @@ def check_compile_cache(compile_cache) -> None:
 
 
 def compile_options(mode: str) -> dict:
-    """The inductor options of torch.compile's `mode`, and programmatic dependent launch where this
-    torch has it: on Hopper and newer each Triton kernel starts while the kernel before it ends
-    (-0.23 ms a guided step on an H200); other GPUs ignore it."""
+    """The inductor options of torch.compile's `mode`, with
+    - programmatic dependent launch where this torch has it: on Hopper and newer each Triton kernel starts
+      while the kernel before it ends (-0.23 ms a guided step on an H200); other GPUs ignore it;
+    - inductor's deterministic mode: its kernels' variants are chosen when they are built, not timed in each
+      process, so every process makes the same frames from the same seed (on an H100 a default video took
+      1.5 % longer, and warm start-up 1 s less; docs/decisions.md)."""
     import torch._inductor
     options = dict(torch._inductor.list_mode_options(mode))
     if hasattr(torch._inductor.config.triton, 'enable_pdl'):   # torch 2.11 has it
         options['triton.enable_pdl'] = True
+    if hasattr(torch._inductor.config, 'deterministic'):   # torch 2.11 has it
+        options['deterministic'] = True
     return options
 
 
