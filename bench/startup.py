@@ -83,7 +83,10 @@ def run_process(model_dir: str, cache: str, options: dict, device: str, steps: i
     """One fresh process's timings (seconds), with the compiler caches in `cache` and from_pretrained's
     `options`."""
     path = os.pathsep.join(filter(None, [os.path.join(HERE, '..'), os.environ.get('PYTHONPATH')]))
-    env = {**os.environ, 'TORCHINDUCTOR_CACHE_DIR': os.path.join(cache, 'inductor'),
+    # bytecode written and read, as on a pip-installed machine (the lent GPUs' PYTHONDONTWRITEBYTECODE=1 tripled
+    # the import's time)
+    env = {**{key: value for key, value in os.environ.items() if key != 'PYTHONDONTWRITEBYTECODE'},
+           'TORCHINDUCTOR_CACHE_DIR': os.path.join(cache, 'inductor'),
            'TRITON_CACHE_DIR': os.path.join(cache, 'triton'), 'PYTHONPATH': path}
     out = subprocess.run([sys.executable, '-c', CHILD, model_dir, repr(time.time()), json.dumps(options), device,
                           str(steps)],
