@@ -604,7 +604,7 @@ def compile_options(mode: str) -> dict:
       while the kernel before it ends (-0.23 ms a guided step on an H200); other GPUs ignore it;
     - inductor's deterministic mode: its kernels' variants are chosen when they are built, not timed in each
       process, so every process makes the same frames from the same seed (on an H100 a default video took
-      1.5 % longer, and warm start-up 1 s less; docs/decisions.md)."""
+      1.6 % longer, and a warm process's first video 1 s less; docs/decisions.md)."""
     import torch._inductor
     options = dict(torch._inductor.list_mode_options(mode))
     if hasattr(torch._inductor.config.triton, 'enable_pdl'):   # torch 2.11 has it
