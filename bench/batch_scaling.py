@@ -22,6 +22,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
+from modelscope_t2v.batch import CUDA_VIDEOS_PER_CALL  # noqa: E402
 from modelscope_t2v.config import FULL  # noqa: E402
 from modelscope_t2v.tools.make_random_model import write_model_dir  # noqa: E402
 
@@ -60,7 +61,7 @@ def main(argv=None):
     flags = ['--compile'] * args.compile
     if args.videos_per_call is not None:
         flags += ['--videos-per-call', str(args.videos_per_call)]
-    per_call = args.videos_per_call or 2
+    per_call = args.videos_per_call or CUDA_VIDEOS_PER_CALL
     rows = []
     for gpus in map(int, args.gpus.split(',')):
         out_dir = os.path.join(work, f'videos-{gpus}')

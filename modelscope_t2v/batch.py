@@ -68,6 +68,9 @@ EXAMPLE = ('prompts.jsonl:  {"text": "A panda eating bamboo on a rock.", "seed":
 # 1.15 s a default video (1.34 s against 2.49 s; docs/benchmarks.md, start-up); each shape compiles anew, once a
 # machine (a later job loads it: 8.6-12.5 s of start-up).
 COMPILE_PAYS_BACK_AFTER = 34
+# videos a generation on CUDA: 44.2 a minute after the first generation against 42.0 at one (H100, 64 default
+# videos; four: 46.1, but a longer start and whole job; docs/benchmarks.md)
+CUDA_VIDEOS_PER_CALL = 2
 
 
 @dataclass
@@ -408,12 +411,11 @@ def make_videos(pipe, call: Call, rank: int, counts: dict, apart: set) -> list:
 
 
 def videos_per_call(args) -> int:
-    """--videos-per-call, else 2 on CUDA (a default video's guided step: 23.17 ms a video against 25.3 alone on
-    an H200, docs/benchmarks.md) and 1 elsewhere."""
+    """--videos-per-call, else CUDA_VIDEOS_PER_CALL on CUDA and 1 elsewhere."""
     from .pipeline import torch_device
     if args.videos_per_call is not None:
         return args.videos_per_call
-    return 2 if torch_device(args.device).type == 'cuda' else 1
+    return CUDA_VIDEOS_PER_CALL if torch_device(args.device).type == 'cuda' else 1
 
 
 def compile_pays_back(args, todo: List[Item]) -> bool:
