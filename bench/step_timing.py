@@ -33,8 +33,6 @@ copies the residual to its output first, not in place), gemm-taps (each temporal
 tap columns and a frame-shifted sum, not the package's kernel), frame-conv-large (the kernel only at the
 32x32 and 16x16 levels), frame-conv-config (the kernel with the tile config of FRAME_CONV_CONFIG),
 text-at-every-step (the texts' keys and values projected at every step, not once per generation),
-plain-sum-stats (the GroupNorm statistics from plain float32 sums of x and x^2, not Welford's running mean),
-two-pass-stats (the GroupNorm statistics from a sum of x, then one of (x - mean)^2, not Welford's running mean),
 fp16-accumulation (cuBLAS sums its products in fp16: less work per product, less exact), cublaslt (cuBLASLt's
 choice of GEMM kernels). Each is reduce-overhead with the one change named. Then one-graph and two-graphs
 (CUDA only): guided eps, guidance included, captured by hand as one CUDA graph or as two used in turn (see
@@ -438,45 +436,6 @@ def temporal_conv_kernel(where):
     return guided_eps(compiled())
 
 
-def group_norm_plain_sums(x, groups, weight, bias, eps):
-    """group_norm_per_channel_stats with each channel's statistics from plain float32 sums of x and x^2
-    (variance E[x^2] - E[x]^2), not Welford's running mean (a division per element)."""
-    n, c = x.shape[:2]
-    spatial = tuple(range(2, x.dim()))
-    per_channel = (n, c) + (1,) * len(spatial)
-    mean_c = x.float().mean(dim=spatial).view(n, groups, -1)                 # (n, groups, c / groups)
-    mean_sq_c = x.float().square().mean(dim=spatial).view(n, groups, -1)
-    mean = mean_c.mean(-1, keepdim=True)
-    var = (mean_sq_c.mean(-1, keepdim=True) - mean.square()).clamp_min(0)
-    scale = torch.rsqrt(var + eps) * weight.float().view(groups, -1)
-    shift = bias.float().view(groups, -1) - mean * scale
-    return (x.float() * scale.view(per_channel) + shift.view(per_channel)).to(x.dtype)
-
-
-def group_norm_two_passes(x, groups, weight, bias, eps):
-    """group_norm_per_channel_stats with each channel's statistics from two plain float32 sums, of x and then
-    of (x - mean)^2: two reads of x, no division per element as in Welford's running mean."""
-    n, c = x.shape[:2]
-    spatial = tuple(range(2, x.dim()))
-    per_channel = (n, c) + (1,) * len(spatial)
-    mean_c = x.float().mean(dim=spatial)                                                   # (n, c)
-    var_c = (x.float() - mean_c.view(per_channel)).square().mean(dim=spatial)
-    mean_c, var_c = mean_c.view(n, groups, -1), var_c.view(n, groups, -1)                  # (n, groups, c / groups)
-    mean = mean_c.mean(-1, keepdim=True)
-    var = var_c.mean(-1, keepdim=True) + (mean_c - mean).square().mean(-1, keepdim=True)
-    scale = torch.rsqrt(var + eps) * weight.float().view(groups, -1)
-    shift = bias.float().view(groups, -1) - mean * scale
-    return (x.float() * scale.view(per_channel) + shift.view(per_channel)).to(x.dtype)
-
-
-def patched_group_norm(group_norm_fn):
-    """The package's compiled path with the UNet's GroupNorms as group_norm_fn. Patches models.group_norm for
-    the rest of the process: give it alone or with --parallel."""
-    from modelscope_t2v.models import group_norm
-    group_norm.group_norm_per_channel_stats = group_norm_fn
-    return guided_eps(compiled())
-
-
 def residual_after_feed_forward():
     """The package's compiled path with each transformer block's last residual added after the feed-forward's
     second GEMM (F.linear, then + x), not by that GEMM (addmm with C = x + bias). Patches
@@ -528,8 +487,6 @@ VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'frame-conv-large': lambda: temporal_conv_kernel(lambda rows, taps: rows.shape[1] >= 16 * 256),
     'frame-conv-config': lambda: temporal_conv_kernel(lambda rows, taps: True),
     'addmm-copy': residual_copied_into_addmm,
-    'plain-sum-stats': lambda: patched_group_norm(group_norm_plain_sums),
-    'two-pass-stats': lambda: patched_group_norm(group_norm_two_passes),
     'text-at-every-step': text_at_every_step,
     'fp16-accumulation': lambda: with_fp16_accumulation(lambda: guided_eps(compiled())),
     'cublaslt': lambda: with_cublaslt(lambda: guided_eps(compiled())),
