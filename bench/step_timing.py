@@ -33,6 +33,7 @@ copies the residual to its output first, not in place), gemm-taps (each temporal
 tap columns and a frame-shifted sum, not the package's kernel), frame-conv-large (the kernel only at the
 32x32 and 16x16 levels), frame-conv-config (the kernel with the tile config of FRAME_CONV_CONFIG),
 text-at-every-step (the texts' keys and values projected at every step, not once per generation),
+per-frame-stats (each GroupNorm's statistics per channel and frame first, then combined: more, shorter reductions),
 fp16-accumulation (cuBLAS sums its products in fp16: less work per product, less exact), cublaslt (cuBLASLt's
 choice of GEMM kernels). Each is reduce-overhead with the one change named. Then one-graph and two-graphs
 (CUDA only): guided eps, guidance included, captured by hand as one CUDA graph or as two used in turn (see
@@ -436,6 +437,28 @@ def temporal_conv_kernel(where):
     return guided_eps(compiled())
 
 
+def group_norm_per_frame_stats(x, groups, weight, bias, eps):
+    """group_norm_per_channel_stats with each channel's statistics taken per frame (the first spatial dim) first,
+    then combined as its channels' are: n c f reductions over h w each, not n c over f h w."""
+    n, c = x.shape[:2]
+    per_channel = (n, c) + (1,) * (x.dim() - 2)
+    var_f, mean_f = torch.var_mean(x.float(), dim=tuple(range(3, x.dim())), correction=0)   # (n, c, f)
+    mean_f, var_f = mean_f.reshape(n, groups, -1), var_f.reshape(n, groups, -1)           # (n, groups, c f / groups)
+    mean = mean_f.mean(-1, keepdim=True)
+    var = var_f.mean(-1, keepdim=True) + (mean_f - mean).square().mean(-1, keepdim=True)
+    scale = torch.rsqrt(var + eps) * weight.float().view(groups, -1)
+    shift = bias.float().view(groups, -1) - mean * scale
+    return (x.float() * scale.view(per_channel) + shift.view(per_channel)).to(x.dtype)
+
+
+def per_frame_stats():
+    """The package's compiled path with the UNet's GroupNorms as group_norm_per_frame_stats. Patches
+    models.group_norm for the rest of the process: give it alone or with --parallel."""
+    from modelscope_t2v.models import group_norm
+    group_norm.group_norm_per_channel_stats = group_norm_per_frame_stats
+    return guided_eps(compiled())
+
+
 def residual_after_feed_forward():
     """The package's compiled path with each transformer block's last residual added after the feed-forward's
     second GEMM (F.linear, then + x), not by that GEMM (addmm with C = x + bias). Patches
@@ -487,6 +510,7 @@ VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'frame-conv-large': lambda: temporal_conv_kernel(lambda rows, taps: rows.shape[1] >= 16 * 256),
     'frame-conv-config': lambda: temporal_conv_kernel(lambda rows, taps: True),
     'addmm-copy': residual_copied_into_addmm,
+    'per-frame-stats': per_frame_stats,
     'text-at-every-step': text_at_every_step,
     'fp16-accumulation': lambda: with_fp16_accumulation(lambda: guided_eps(compiled())),
     'cublaslt': lambda: with_cublaslt(lambda: guided_eps(compiled())),
