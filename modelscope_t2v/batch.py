@@ -66,7 +66,7 @@ EXAMPLE = ('prompts.jsonl:  {"text": "A panda eating bamboo on a rock.", "seed":
 # Compiling through the compile cache pays back from about this many videos of one shape: on H100 host A its cold
 # start-up was 39.1 s more than that of the uncompiled networks under CUDA graphs (10.6 s), and it then saves
 # 1.15 s a default video (1.34 s against 2.49 s; docs/benchmarks.md, start-up); each shape compiles anew, once a
-# machine (a later job loads it: 8.6-12.5 s of start-up).
+# machine (a later job loads it: 8.8-12.5 s of start-up).
 COMPILE_PAYS_BACK_AFTER = 34
 # videos a generation on CUDA: 44.2 a minute after the first generation against 42.0 at one (H100, 64 default
 # videos; four: 46.1, but a longer start and whole job; docs/benchmarks.md)
