@@ -2,42 +2,25 @@
 
     python bench/step_timing.py            # GPU, real-size random UNet, fp16, 2 texts per video (guidance)
     python bench/step_timing.py tiny eager                         # CPU dry run
-    python bench/step_timing.py reduce-overhead freezing           # only the named variants, in this order
+    python bench/step_timing.py reduce-overhead plain-geglu        # only the named variants, in this order
     python bench/step_timing.py --parallel reduce-overhead no-pdl  # each variant compiled in its own process at
                                                                    # once, then timed one after another
     python bench/step_timing.py reduce-overhead --videos=2         # 2 videos a call (batched prompts)
     python bench/step_timing.py reduce-overhead --frames=24 --latents=72x40   # zeroscope 576w's shape
 
 Variants: eager, cuda-graphs (a copy of the eager UNet replayed from CUDA graphs of its own kernels, as
-from_pretrained's cuda_graphs=True: cuda_graphs.capture_calls), cuda-graphs-channels-last (that copy
-channels-last, as the compiled UNet runs), reduce-overhead (the package's compiled path, with programmatic
-dependent launch: on Hopper each Triton kernel starts while the one before it ends), no-pdl (without it),
-not-deterministic (inductor's default mode, which times several configs of each reduction kernel),
-guidance-in-graph (guidance's combination of the two eps inside the compiled graph), freezing
-(inductor's freezing: weights as constants, Q/K/V products concatenated), freezing+cudnn-benchmark,
-cudnn-benchmark (cuDNN times its algorithms for each convolution), combo-kernels (inductor launches
-independent small kernels as one), max-autotune (inductor picks each GEMM from cuBLAS and Triton
-templates), no-split-reductions (each reduction in one kernel, not two), cooperative-reductions (one
-kernel whose blocks synchronise), multi-kernel (each reduction compiled two ways, the faster picked
-at run time), aggressive-fusion (inductor fuses kernels that share no input too),
-autotune-pointwise (inductor tries more block sizes for its own kernels), no-cudagraph-trees
-(inductor's older, plainer CUDA-graph wrapper), concat-taps (each temporal conv as one GEMM
-over frames t-1, t, t+1 side by side: frame_conv_concat_taps), conv2d-taps (each temporal conv as a
-cuDNN (3, 1) Conv2d over frames and pixels: frame_conv_as_conv2d), conv3d-taps (the plain Conv3d on
-channels-last activations), ff-l2-chunks-32mb and ff-l2-chunks-16mb (each feed-forward on row chunks
-whose intermediates fit the L2 cache: feed_forward_in_l2_chunks), plain-geglu (each GEGLU as F.linear and
-a fused gelu-multiply, not the package's kernel), geglu-config (the GEGLU kernel with the tile config of
-GEGLU_CONFIG), residual-after-ff (each transformer block's last residual added by a kernel of its own
-after the feed-forward's second GEMM, not by that GEMM), addmm-copy (that GEMM as torch.addmm, which
-copies the residual to its output first, not in place), gemm-taps (each temporal conv as a GEMM into 3 co
-tap columns and a frame-shifted sum, not the package's kernel), frame-conv-large (the kernel only at the
-32x32 and 16x16 levels), frame-conv-config (the kernel with the tile config of FRAME_CONV_CONFIG),
-text-at-every-step (the texts' keys and values projected at every step, not once per generation),
-per-frame-stats (each GroupNorm's statistics per channel and frame first, then combined: more, shorter reductions),
-fp16-accumulation (cuBLAS sums its products in fp16: less work per product, less exact), cublaslt (cuBLASLt's
-choice of GEMM kernels). Each is reduce-overhead with the one change named. Then one-graph and two-graphs
-(CUDA only): guided eps, guidance included, captured by hand as one CUDA graph or as two used in turn (see
-graphs_in_turn).
+from_pretrained's cuda_graphs=True: cuda_graphs.capture_calls), reduce-overhead (the package's compiled path).
+The others are reduce-overhead with one of the package's choices undone, to measure it again (docs/decisions.md,
+"Kept"): no-pdl (without programmatic dependent launch, by which on Hopper each Triton kernel starts while the
+one before it ends), not-deterministic (inductor's default mode, which times several configs of each reduction
+kernel), plain-geglu (each GEGLU as F.linear and a fused gelu-multiply, not models/geglu.py's kernel),
+gemm-taps (each temporal conv as a GEMM into 3 co tap columns and a frame-shifted sum, not
+models/frame_conv.py's kernel), residual-after-ff (each transformer block's last residual added by a kernel of
+its own after the feed-forward's second GEMM, not by that GEMM), text-at-every-step (the texts' keys and values
+projected at every step, not once per generation); or with a kernel's tile config from the environment:
+geglu-config (GEGLU_CONFIG), frame-conv-config (FRAME_CONV_CONFIG); or with an alternative under trial:
+per-frame-stats (each GroupNorm's statistics per channel and frame first, then combined: more, shorter
+reductions). The variants of the alternatives docs/decisions.md rejects are in git history.
 
 Compiling a variant takes minutes of CPU; with --parallel every variant compiles at once in its own
 process (its first-call seconds then count the others' load too), and the timings run one process
@@ -55,7 +38,6 @@ per step). Dynamo's graph-break, recompile, CUDA-graph and performance-hint logs
 """
 import collections
 import functools
-import itertools
 import os
 import pathlib
 import subprocess
@@ -66,7 +48,6 @@ import warnings
 from copy import deepcopy
 
 import torch
-import torch.nn.functional as F
 
 sys.path[:0] = [os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')]
 from measure import kernel_kind, sync, timed, write_kernel_table  # noqa: E402
@@ -241,27 +222,9 @@ def compiled(**options):
                          options={**compile_options('reduce-overhead'), **options})
 
 
-def with_cudnn_benchmark(make):
-    torch.backends.cudnn.benchmark = True
-    return make()
-
-
-def with_fp16_accumulation(make):
-    torch.backends.cuda.matmul.allow_fp16_accumulation = True
-    return make()
-
-
-def with_cublaslt(make):
-    torch.backends.cuda.preferred_blas_library('cublaslt')
-    return make()
-
-
-def eager_graphs(channels_last=False):
-    """A copy of the eager UNet (the variants after it keep the plain one) whose calls replay CUDA graphs;
-    with channels_last, the copy runs as the compiled path does (UNet3D.to_channels_last)."""
+def eager_graphs():
+    """A copy of the eager UNet (the variants after it keep the plain one) whose calls replay CUDA graphs."""
     copy = deepcopy(unet)
-    if channels_last:
-        copy.to_channels_last()
     capture_calls(copy)
     return guided_eps(copy)
 
@@ -279,127 +242,6 @@ def text_at_every_step():
     and values again at each, not once (UNet3D.remember_text)."""
     eps, texts = guided(compiled(), 9.0), torch.cat([unc, ctx])
     return lambda x, t, context: eps(x, t, texts)
-
-
-def graphs_in_turn(copies):
-    """Guided eps replayed from `copies` CUDA graphs captured by hand (CUDA only), used in turn.
-
-    The UNet compiled in mode 'default' (no CUDA graphs of inductor's own), guidance around it, and
-    each copy captured with the same static inputs and one shared memory pool. The test of whether
-    a launch waits for its graph's previous run: on an H200 two copies gave the same step as one
-    (docs/decisions.md). A copy's eps is overwritten `copies` steps later: the loop
-    has used it by then.
-    """
-    eps_fn = guided_eps(torch.compile(unet.to_channels_last(), dynamic=False, options=compile_options('default')))
-    inputs = (x.clone(), t1.clone(), ctx.clone())
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):   # compile and warm up off the stream that will be captured
-        for _ in range(3):
-            eps_fn(*inputs)
-    torch.cuda.current_stream().wait_stream(side)
-    graphs, outputs, pool = [], [], None
-    for _ in range(copies):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            outputs.append(eps_fn(*inputs))
-        graphs.append(graph)
-        pool = graph.pool()
-    turns = itertools.count()
-
-    def replay(x_now, t_now, context):
-        turn = next(turns) % copies
-        for static, value in zip(inputs, (x_now, t_now, context)):
-            static.copy_(value)
-        graphs[turn].replay()
-        return outputs[turn]
-    return replay
-
-
-def frame_conv_concat_taps(x, conv):
-    """unet3d.frame_conv_as_gemm another way: frames t-1, t, t+1 side by side as one input of 3 c channels
-    (written once, by the kernel that applies the GroupNorm and SiLU before it), then one GEMM with
-    K = 3 c that writes the output; no 3 co intermediate read back by a frame-shifted sum.
-    x: (b, c, f, h, w) channels-last; the weight stored by store_tap_columns."""
-    rows = x.permute(0, 2, 3, 4, 1)                                           # (b, f, h, w, c)
-    before = F.pad(rows[:, :-1], (0, 0, 0, 0, 0, 0, 1, 0))                   # frame t-1, zeros at t = 0
-    after = F.pad(rows[:, 1:], (0, 0, 0, 0, 0, 0, 0, 1))                     # frame t+1, zeros at the end
-    weight = conv.weight.permute(0, 2, 1, 3, 4).reshape(conv.out_channels, -1)  # (co, 3 ci), a view
-    out = unet3d.linear_as_one_gemm(torch.cat([before, rows, after], -1), weight, conv.bias)
-    return out.permute(0, 4, 1, 2, 3)                                          # (b, co, f, h, w)
-
-
-def store_tap_columns(conv):
-    """The (co, ci, 3, 1, 1) weight stored as (co, 3, ci), so frame_conv_concat_taps reads it in place."""
-    conv.weight.data = conv.weight.data.permute(0, 2, 1, 3, 4).contiguous().permute(0, 2, 1, 3, 4)
-
-
-def replace_frame_conv(name, frame_conv, store_weight):
-    """The package's compiled path with every temporal conv as frame_conv(x, conv), each conv's weight first
-    stored by store_weight, checked against the package's GEMM on one stage. Patches unet3d for the rest of
-    the process: give it alone or with --parallel."""
-    unet.to_channels_last()
-    stages = temporal_conv_stages()
-    probe = torch.randn(2, stages[0].in_channels, 16, 8, 8, device=dev, dtype=dtype)
-    probe = probe.contiguous(memory_format=torch.channels_last_3d)
-    expected = unet3d.frame_conv_as_gemm(probe, stages[0])
-    for conv in stages:
-        store_weight(conv)
-    got = frame_conv(probe, stages[0])
-    err = ((got - expected).abs().max() / expected.abs().max()).item()
-    print(f'{name} against the package\'s temporal GEMM: max rel diff {err:.1e}', flush=True)
-    assert err < 1e-2, err
-    unet3d.frame_conv_as_gemm = frame_conv
-    # compiled() would run to_channels_last again, storing the weights frame-major (a copy per call here)
-    return guided_eps(torch.compile(unet, dynamic=False, options=compile_options('reduce-overhead')))
-
-
-def temporal_conv_stages():
-    """The (3, 1, 1) Conv3d of every stage of every temporal conv."""
-    return [stage[-1] for module in unet.modules() if isinstance(module, unet3d.TemporalConv)
-            for stage in (module.conv1, module.conv2, module.conv3, module.conv4)]
-
-
-def frame_conv_as_conv2d(x, conv):
-    """unet3d.frame_conv_as_gemm as a (3, 1) Conv2d over (frames, pixels): x (b, c, f, h, w) channels-last
-    viewed as (b, c, f, h w) without a copy; cuDNN's implicit GEMM sums the three taps itself, so no 3 co
-    intermediate is written and read back. The weight: conv.conv2d_weight (store_conv2d_weight)."""
-    b, c, f, h, w = x.shape
-    out = F.conv2d(x.reshape(b, c, f, h * w), conv.conv2d_weight, conv.bias, padding=(1, 0))
-    return out.view(b, -1, f, h, w)
-
-
-def store_conv2d_weight(conv):
-    """A (co, ci, 3, 1) channels-last copy of the (co, ci, 3, 1, 1) weight, outside the state dict."""
-    weight = conv.weight.detach()[..., 0].contiguous(memory_format=torch.channels_last)
-    conv.register_buffer('conv2d_weight', weight, persistent=False)
-
-
-def plain_conv3d():
-    """The package's compiled path with every temporal conv as the plain Conv3d (cuDNN) on the channels-last
-    activations, its weight channels-last too."""
-    unet.to_channels_last()
-    for module in unet.modules():
-        if isinstance(module, unet3d.TemporalConv):
-            module.as_gemm = False
-    for conv in temporal_conv_stages():
-        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
-    return guided_eps(torch.compile(unet, dynamic=False, options=compile_options('reduce-overhead')))
-
-
-def feed_forward_in_l2_chunks(megabytes):
-    """The package's compiled path with each feed-forward run on row chunks whose intermediates (the 8 c
-    columns of GEGLU's projection, the 4 c of its product: 12 c per row) stay under `megabytes`, so that
-    they may stay in the GPU's 50 MB L2 cache between the kernels that write and read them. Patches
-    layers.FeedForward for the rest of the process: give it alone or with --parallel."""
-    from modelscope_t2v.models import layers
-
-    def forward(self, x, residual):
-        rows = x.reshape(-1, x.shape[-1])                                              # (n, c)
-        chunks = -(-rows.shape[0] * 12 * x.shape[-1] * x.element_size() // (megabytes << 20))
-        return torch.cat([self.net(chunk) for chunk in rows.chunk(chunks)]).view(x.shape) + residual
-    layers.FeedForward.forward = forward
-    return guided_eps(compiled())
 
 
 def plain_geglu():
@@ -468,54 +310,19 @@ def residual_after_feed_forward():
     return guided_eps(compiled())
 
 
-def residual_copied_into_addmm():
-    """The package's compiled path with each feed-forward's second GEMM as torch.addmm(residual + bias, ...),
-    which copies its first operand to its output first, not in place. Patches layers.addmm_ for the rest of
-    the process: give it alone or with --parallel."""
-    from modelscope_t2v.models import layers
-    layers.addmm_ = lambda acc, a, b: acc.copy_(torch.addmm(acc, a, b))
-    return guided_eps(compiled())
-
-
 VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'eager': lambda: guided_eps(unet),
     'cuda-graphs': eager_graphs,
-    'cuda-graphs-channels-last': lambda: eager_graphs(channels_last=True),
     'reduce-overhead': lambda: guided_eps(compiled()),
     'no-pdl': lambda: guided_eps(compiled(**{'triton.enable_pdl': False})),
     'not-deterministic': lambda: guided_eps(compiled(deterministic=False)),
-    'guidance-in-graph': lambda: torch.compile(guided_eps(unet.to_channels_last()), dynamic=False,
-                                               options=compile_options('reduce-overhead')),
-    'freezing': lambda: guided_eps(compiled(freezing=True)),
-    'freezing+cudnn-benchmark': lambda: with_cudnn_benchmark(lambda: guided_eps(compiled(freezing=True))),
-    'cudnn-benchmark': lambda: with_cudnn_benchmark(lambda: guided_eps(compiled())),
-    'combo-kernels': lambda: guided_eps(compiled(combo_kernels=True)),
-    'max-autotune': lambda: guided_eps(compiled(max_autotune=True, max_autotune_gemm_backends='ATEN,TRITON',
-                                                max_autotune_conv_backends='ATEN')),
-    'no-split-reductions': lambda: guided_eps(compiled(split_reductions=False)),
-    'cooperative-reductions': lambda: guided_eps(compiled(**{'triton.cooperative_reductions': True})),
-    'multi-kernel': lambda: guided_eps(compiled(**{'triton.multi_kernel': 1})),
-    'aggressive-fusion': lambda: guided_eps(compiled(aggressive_fusion=True)),
-    'autotune-pointwise': lambda: guided_eps(compiled(max_autotune_pointwise=True)),
-    'no-cudagraph-trees': lambda: guided_eps(compiled(**{'triton.cudagraph_trees': False})),
-    'concat-taps': lambda: replace_frame_conv('concat-taps', frame_conv_concat_taps, store_tap_columns),
-    'conv2d-taps': lambda: replace_frame_conv('conv2d-taps', frame_conv_as_conv2d, store_conv2d_weight),
-    'conv3d-taps': plain_conv3d,
-    'ff-l2-chunks-32mb': lambda: feed_forward_in_l2_chunks(32),
-    'ff-l2-chunks-16mb': lambda: feed_forward_in_l2_chunks(16),
     'plain-geglu': plain_geglu,
     'geglu-config': geglu_config,
-    'residual-after-ff': residual_after_feed_forward,
     'gemm-taps': lambda: temporal_conv_kernel(lambda rows, taps: False),
-    'frame-conv-large': lambda: temporal_conv_kernel(lambda rows, taps: rows.shape[1] >= 16 * 256),
     'frame-conv-config': lambda: temporal_conv_kernel(lambda rows, taps: True),
-    'addmm-copy': residual_copied_into_addmm,
-    'per-frame-stats': per_frame_stats,
+    'residual-after-ff': residual_after_feed_forward,
     'text-at-every-step': text_at_every_step,
-    'fp16-accumulation': lambda: with_fp16_accumulation(lambda: guided_eps(compiled())),
-    'cublaslt': lambda: with_cublaslt(lambda: guided_eps(compiled())),
-    'one-graph': lambda: graphs_in_turn(1),
-    'two-graphs': lambda: graphs_in_turn(2),
+    'per-frame-stats': per_frame_stats,
 }
 
 
