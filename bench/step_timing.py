@@ -18,9 +18,8 @@ gemm-taps (each temporal conv as a GEMM into 3 co tap columns and a frame-shifte
 models/frame_conv.py's kernel), residual-after-ff (each transformer block's last residual added by a kernel of
 its own after the feed-forward's second GEMM, not by that GEMM), text-at-every-step (the texts' keys and values
 projected at every step, not once per generation); or with a kernel's tile config from the environment:
-geglu-config (GEGLU_CONFIG), frame-conv-config (FRAME_CONV_CONFIG); or with an alternative under trial:
-per-frame-stats (each GroupNorm's statistics per channel and frame first, then combined: more, shorter
-reductions). The variants of the alternatives docs/decisions.md rejects are in git history.
+geglu-config (GEGLU_CONFIG), frame-conv-config (FRAME_CONV_CONFIG). The variants of the alternatives
+docs/decisions.md rejects are in git history.
 
 Compiling a variant takes minutes of CPU; with --parallel every variant compiles at once in its own
 process (its first-call seconds then count the others' load too), and the timings run one process
@@ -279,28 +278,6 @@ def temporal_conv_kernel(where):
     return guided_eps(compiled())
 
 
-def group_norm_per_frame_stats(x, groups, weight, bias, eps):
-    """group_norm_per_channel_stats with each channel's statistics taken per frame (the first spatial dim) first,
-    then combined as its channels' are: n c f reductions over h w each, not n c over f h w."""
-    n, c = x.shape[:2]
-    per_channel = (n, c) + (1,) * (x.dim() - 2)
-    var_f, mean_f = torch.var_mean(x.float(), dim=tuple(range(3, x.dim())), correction=0)   # (n, c, f)
-    mean_f, var_f = mean_f.reshape(n, groups, -1), var_f.reshape(n, groups, -1)           # (n, groups, c f / groups)
-    mean = mean_f.mean(-1, keepdim=True)
-    var = var_f.mean(-1, keepdim=True) + (mean_f - mean).square().mean(-1, keepdim=True)
-    scale = torch.rsqrt(var + eps) * weight.float().view(groups, -1)
-    shift = bias.float().view(groups, -1) - mean * scale
-    return (x.float() * scale.view(per_channel) + shift.view(per_channel)).to(x.dtype)
-
-
-def per_frame_stats():
-    """The package's compiled path with the UNet's GroupNorms as group_norm_per_frame_stats. Patches
-    models.group_norm for the rest of the process: give it alone or with --parallel."""
-    from modelscope_t2v.models import group_norm
-    group_norm.group_norm_per_channel_stats = group_norm_per_frame_stats
-    return guided_eps(compiled())
-
-
 def residual_after_feed_forward():
     """The package's compiled path with each transformer block's last residual added after the feed-forward's
     second GEMM (F.linear, then + x), not by that GEMM (addmm with C = x + bias). Patches
@@ -322,7 +299,6 @@ VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'frame-conv-config': lambda: temporal_conv_kernel(lambda rows, taps: True),
     'residual-after-ff': residual_after_feed_forward,
     'text-at-every-step': text_at_every_step,
-    'per-frame-stats': per_frame_stats,
 }
 
 
