@@ -63,10 +63,10 @@ EXAMPLE = ('prompts.jsonl:  {"text": "A panda eating bamboo on a rock.", "seed":
            'N GPUs:         torchrun --nproc-per-node N -m modelscope_t2v.batch prompts.jsonl --out videos')
 
 
-# Compiling through the compile cache pays back from about this many videos of one shape: on H100 host A its cold
-# start-up was 39.1 s more than that of the uncompiled networks under CUDA graphs (10.6 s), and it then saves
-# 1.15 s a default video (1.34 s against 2.49 s; docs/benchmarks.md, start-up); each shape compiles anew, once a
-# machine (a later job loads it: 8.8-12.5 s of start-up).
+# Compiling through the compile cache pays back from about this many videos of one shape: on H100s its cold
+# start-up was 35.2-50.2 s against 10.6 s for the uncompiled networks under CUDA graphs, and it then saves
+# 1.13 s a default video (1.36 s against 2.49 s; docs/benchmarks.md, start-up): 22-35 videos; each shape compiles
+# anew, once a machine (a later job loads it: 8.8-12.5 s of start-up).
 COMPILE_PAYS_BACK_AFTER = 34
 # videos a generation on CUDA: 44.2 a minute after the first generation against 42.0 at one (H100, 64 default
 # videos; four: 46.1, but a longer start and whole job; docs/benchmarks.md)
