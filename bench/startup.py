@@ -79,18 +79,22 @@ print(json.dumps({'import_s': imported - started, 'load_s': loaded - imported, '
 '''
 
 
+def fresh_process_env(cache: str) -> dict:
+    """The environment of a fresh process with the compiler caches in `cache` and this checkout importable; its
+    bytecode written and read, as on a pip-installed machine (the lent GPUs' PYTHONDONTWRITEBYTECODE=1 tripled the
+    import's time)."""
+    path = os.pathsep.join(filter(None, [os.path.join(HERE, '..'), os.environ.get('PYTHONPATH')]))
+    return {**{key: value for key, value in os.environ.items() if key != 'PYTHONDONTWRITEBYTECODE'},
+            'TORCHINDUCTOR_CACHE_DIR': os.path.join(cache, 'inductor'),
+            'TRITON_CACHE_DIR': os.path.join(cache, 'triton'), 'PYTHONPATH': path}
+
+
 def run_process(model_dir: str, cache: str, options: dict, device: str, steps: int) -> dict:
     """One fresh process's timings (seconds), with the compiler caches in `cache` and from_pretrained's
     `options`."""
-    path = os.pathsep.join(filter(None, [os.path.join(HERE, '..'), os.environ.get('PYTHONPATH')]))
-    # bytecode written and read, as on a pip-installed machine (the lent GPUs' PYTHONDONTWRITEBYTECODE=1 tripled
-    # the import's time)
-    env = {**{key: value for key, value in os.environ.items() if key != 'PYTHONDONTWRITEBYTECODE'},
-           'TORCHINDUCTOR_CACHE_DIR': os.path.join(cache, 'inductor'),
-           'TRITON_CACHE_DIR': os.path.join(cache, 'triton'), 'PYTHONPATH': path}
     out = subprocess.run([sys.executable, '-c', CHILD, model_dir, repr(time.time()), json.dumps(options), device,
                           str(steps)],
-                         env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+                         env=fresh_process_env(cache), check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

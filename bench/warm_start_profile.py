@@ -29,7 +29,10 @@ import subprocess
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from startup import fresh_process_env  # noqa: E402
+
 IDLE = ('_recv_msg', 'timer.py:check', '_monitor.py:run', 'thread.py:_worker')   # threads waiting for work
 
 CHILD = r'''
@@ -87,13 +90,9 @@ print(json.dumps({'startup_s': round(times['video 3'] - 3 * (times['video 3'] - 
 
 def profile(model_dir: str, cache: str, sample: bool, custom_op_check: bool) -> dict:
     """The warm process's marks (seconds from its start), start-up, torch.compile's timers and stack samples."""
-    path = os.pathsep.join(filter(None, [os.path.join(HERE, '..'), os.environ.get('PYTHONPATH')]))
-    env = {**{key: value for key, value in os.environ.items() if key != 'PYTHONDONTWRITEBYTECODE'},
-           'TORCHINDUCTOR_CACHE_DIR': os.path.join(cache, 'inductor'),
-           'TRITON_CACHE_DIR': os.path.join(cache, 'triton'), 'PYTHONPATH': path}
     command = [sys.executable, '-c', CHILD, model_dir, os.path.join(cache, 'half'), 'sample' if sample else 'time',
                'custom-op-check' if custom_op_check else 'no-custom-op-check']
-    out = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+    out = subprocess.run(command, env=fresh_process_env(cache), check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
