@@ -14,7 +14,7 @@ setup(
     python_requires='>=3.9',
     packages=find_packages(include=['modelscope_t2v', 'modelscope_t2v.*']),
     install_requires=[
-        'torch>=2.1',              # scaled_dot_product_attention, mmap loading, assign=True
+        'torch>=2.4',              # torch.library.custom_op (the kernels' ops), mmap loading, assign=True
         'einops>=0.6',
         'numpy',
         'open_clip_torch>=2.20',   # the CLIP BPE tokenizer and its vocabulary

@@ -1,7 +1,6 @@
 """Where a warm compile-cache start spends its seconds: one fresh process under a sampler of every thread's stack.
 
     python bench/warm_start_profile.py --cache-dir DIR [--model-dir DIR] [--out profile.json] [--no-sampling]
-                                       [--no-custom-op-check]
     python bench/warm_start_profile.py --summarise profile.json
 
 DIR holds the caches a cold process filled (`bench/startup.py --processes 1 --compile-cache --half-cache
@@ -11,9 +10,6 @@ is counted as startup.py counts it. Meanwhile a daemon thread records, every 2 m
 other thread (sys._current_frames): the main thread, the compile cache's loader thread, the thread importing
 diffusers. A thread inside a C call shows the Python frame that made it; the sampler takes the GIL too, so a
 thread that holds it long is sampled less. --no-sampling times the same process without the sampler.
---no-custom-op-check sets torch._functorch.config.check_custom_op_aliasing to False first: the first call of each
-compiled artefact then runs its ops without the Python dispatch mode that checks custom ops for aliasing (an
-experiment not yet decided: docs/decisions.md).
 
 The summary gives, per phase (import, load, first video, ...) and thread, the functions most often on the stack,
 then a timeline: each thread's most frequent function in every half second.
@@ -65,9 +61,6 @@ sampler = threading.Thread(target=sample, name='sampler', daemon=True)
 if sys.argv[3] == 'sample':
     sampler.start()
 import torch
-if sys.argv[4] == 'no-custom-op-check':
-    import torch._functorch.config
-    torch._functorch.config.check_custom_op_aliasing = False
 from modelscope_t2v import TextToVideo, parse_request
 mark('imported')
 engine = TextToVideo.from_pretrained(sys.argv[1], device='cuda', compile='reduce-overhead', compile_cache=True,
@@ -88,10 +81,9 @@ print(json.dumps({'startup_s': round(times['video 3'] - 3 * (times['video 3'] - 
 '''
 
 
-def profile(model_dir: str, cache: str, sample: bool, custom_op_check: bool) -> dict:
+def profile(model_dir: str, cache: str, sample: bool) -> dict:
     """The warm process's marks (seconds from its start), start-up, torch.compile's timers and stack samples."""
-    command = [sys.executable, '-c', CHILD, model_dir, os.path.join(cache, 'half'), 'sample' if sample else 'time',
-               'custom-op-check' if custom_op_check else 'no-custom-op-check']
+    command = [sys.executable, '-c', CHILD, model_dir, os.path.join(cache, 'half'), 'sample' if sample else 'time']
     out = subprocess.run(command, env=fresh_process_env(cache), check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -141,8 +133,6 @@ def main(argv=None):
     parser.add_argument('--model-dir', default=os.path.join(tempfile.gettempdir(), 'modelscope-t2v-bench'))
     parser.add_argument('--out', default='warm-start-profile.json', help='the marks and stack samples (JSON)')
     parser.add_argument('--no-sampling', action='store_true', help='time the process without the sampler')
-    parser.add_argument('--no-custom-op-check', action='store_true',
-                        help="torch's check of custom ops for aliasing off (an experiment)")
     parser.add_argument('--summarise', metavar='JSON', help='print the summary of an earlier --out file and stop')
     args = parser.parse_args(argv)
     if args.summarise:
@@ -151,7 +141,7 @@ def main(argv=None):
         return
     if not args.cache_dir:
         parser.error('--cache-dir is required (or --summarise)')
-    result = profile(args.model_dir, args.cache_dir, not args.no_sampling, not args.no_custom_op_check)
+    result = profile(args.model_dir, args.cache_dir, not args.no_sampling)
     with open(args.out, 'w') as f:
         json.dump(result, f)
     print(summarise(result) if result['samples'] else f"start-up {result['startup_s']} s; marks {result['marks']}")

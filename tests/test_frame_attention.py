@@ -3,6 +3,9 @@
 No GPU here: Triton's interpreter runs the same kernel code with NumPy.
 """
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from interpreted import UNET_LATENTS, run_interpreted, tiny_unet_kernel_vs_plain
@@ -79,9 +82,7 @@ def test_cpu_runs_sdpa_unchanged():
 
 def test_windowed_unet_compiles_to_one_kernel_call_per_temporal_attention():
     # a long video's compiled UNet: one graph holding one windows-kernel call per temporal attention, not a
-    # call and a blend per window (which made the graph thousands of calls at 256 frames). Under the
-    # interpreter torch.compile cannot trace a Triton op with fake tensors (it runs it), so the op is wrapped
-    # in an opaque custom op that calls it
+    # call and a blend per window (which made the graph thousands of calls at 256 frames)
     out = run_interpreted('''
         import collections
         import torch
@@ -90,13 +91,6 @@ def test_windowed_unet_compiles_to_one_kernel_call_per_temporal_attention():
         from reference import randomize_, rel_err
 
         frame_attention.kernel_serves = lambda q, length=None: True
-
-        @torch.library.custom_op('test::in_windows', mutates_args=())
-        def in_windows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, stride: int) -> torch.Tensor:
-            return frame_attention.frame_attention_in_windows(q, k, v, window, stride)
-
-        in_windows.register_fake(lambda q, k, v, window, stride: torch.empty_like(q))
-        unet3d.frame_attention_in_windows = in_windows
         unet = randomize_(unet3d.UNet3D(TINY.unet), 0).eval()
         unet.set_temporal_window(8, 3)
         calls = collections.Counter()
@@ -112,10 +106,32 @@ def test_windowed_unet_compiles_to_one_kernel_call_per_temporal_attention():
         with torch.no_grad():
             eager = unet(x, t, context)
             compiled = torch.compile(unet, backend=counting_backend, fullgraph=True)(x, t, context)
-        kernel_calls = sum(n for target, n in calls.items() if 'in_windows' in target)
+        kernel_calls = sum(n for target, n in calls.items() if 'frame_attention_in_windows' in target)
         print(rel_err(compiled, eager), kernel_calls, 2 * len(unet.temporal_blocks), sum(calls.values()))
     ''')
     err, kernel_calls, temporal_attentions, graph_calls = (float(v) for v in out.split())
     print(f'compiled vs eager {err:.1e}; {kernel_calls:.0f} kernel calls for {temporal_attentions:.0f} temporal '
           f'attentions; {graph_calls:.0f} calls in the graph')
     assert err < 1e-6 and kernel_calls == temporal_attentions > 0
+
+
+def test_ops_fake_shapes_match_the_kernels():
+    # torch.library.opcheck: schema, fake (meta) outputs against the kernel's, and tracing by torch.compile
+    out = run_interpreted('''
+        import torch
+        from modelscope_t2v.models.frame_windows import window_scales
+        torch.manual_seed(0)
+        q, k, v = (t.unflatten(-1, (2, 16)) for t in torch.randn(3, 20, 3 * 2 * 16).half().chunk(3, -1))
+        torch.library.opcheck(torch.ops.modelscope_t2v.frame_attention, (q, k, v))
+        torch.library.opcheck(torch.ops.modelscope_t2v.frame_attention_in_windows, (q, k, v, window_scales(20, 8, 3), 3))
+        print('checked')
+    ''')
+    assert out.split() == ['checked']
+
+
+def test_importing_the_package_leaves_inductor_unimported():
+    # the kernels' ops register without torch.compile's machinery (0.9 s of import on the project's CPU)
+    script = ('import sys, modelscope_t2v, modelscope_t2v.models.frame_attention; '
+              'print(sorted(name for name in ("torch._dynamo", "torch._inductor") if name in sys.modules))')
+    imported = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, check=True).stdout
+    assert imported.strip().splitlines()[-1] == '[]'

@@ -17,7 +17,9 @@ The kernels serve float16 CUDA tensors (the dtype they were measured and checked
 in) of up to MAX_FRAMES frames (a window's, for the second) and a power-of-two
 head size from 16 to 128, with gradients off (they have no backward); everything
 else (the CPU, bfloat16, float32, long sequences, training) runs SDPA, so the
-CPU path is unchanged.
+CPU path is unchanged. Each kernel is a custom op, opaque to torch.compile and
+captured by CUDA graphs: not a triton_op, whose registration would import
+inductor with the package (docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -36,8 +38,6 @@ try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only torch builds come without Triton
-    triton = None
-if not hasattr(torch.library, 'triton_op'):  # torch < 2.6
     triton = None
 
 MAX_FRAMES = 128
@@ -128,17 +128,21 @@ if triton is not None:
         offsets = n * o_sn + h * o_sh + frames[:, None] * o_sl + channels[None, :]
         tl.store(o_ptr + offsets, out.to(o_ptr.dtype.element_ty), mask=valid[:, None])
 
-    @torch.library.triton_op('modelscope_t2v::frame_attention', mutates_args=())
+    @torch.library.custom_op('modelscope_t2v::frame_attention', mutates_args=())
     def _frame_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q, k, v: (n, l, heads, d), each with unit stride along d; out: contiguous (n, l, heads, d)
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         n, length, heads, d = q.shape
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        torch.library.wrap_triton(_frame_attention_kernel)[(n * heads,)](
+        _frame_attention_kernel[(n * heads,)](
             q, k, v, out, length, heads, d ** -0.5,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             BLOCK_L=max(16, triton.next_power_of_2(length)), D=d, num_warps=KERNEL_WARPS)
         return out
+
+    @_frame_attention_op.register_fake
+    def _(q, k, v):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     @triton.jit
     def _frame_attention_in_windows_kernel(q_ptr, k_ptr, v_ptr, o_ptr, scales_ptr, length, heads, windows, window,
@@ -164,7 +168,7 @@ if triton is not None:
             tl.debug_barrier()   # the next window reads what this one stored
             written = start + window
 
-    @torch.library.triton_op('modelscope_t2v::frame_attention_in_windows', mutates_args=())
+    @torch.library.custom_op('modelscope_t2v::frame_attention_in_windows', mutates_args=())
     def _frame_attention_in_windows_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales: torch.Tensor,
                                        stride: int) -> torch.Tensor:
         # q, k, v: (n, l, heads, d), each with unit stride along d; scales: contiguous (windows, window) float32,
@@ -175,8 +179,12 @@ if triton is not None:
         n, length, heads, d = q.shape
         windows, window = scales.shape
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        torch.library.wrap_triton(_frame_attention_in_windows_kernel)[(n * heads,)](
+        _frame_attention_in_windows_kernel[(n * heads,)](
             q, k, v, out, scales, length, heads, windows, window, stride, d ** -0.5,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             BLOCK_L=max(16, triton.next_power_of_2(window)), D=d, num_warps=KERNEL_WARPS)
         return out
+
+    @_frame_attention_in_windows_op.register_fake
+    def _(q, k, v, scales, stride):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
