@@ -64,9 +64,9 @@ EXAMPLE = ('prompts.jsonl:  {"text": "A panda eating bamboo on a rock.", "seed":
 
 
 # Compiling through the compile cache pays back from about this many videos of one shape: on H100s its cold
-# start-up was 35.2-55.8 s against 10.6 s for the uncompiled networks under CUDA graphs, and it then saves
-# 1.13 s a default video (1.36 s against 2.49 s; docs/benchmarks.md, start-up): 22-40 videos; each shape compiles
-# anew, once a machine (a later job loads it: 8.8-13.4 s of start-up).
+# start-up was 35.2-61.6 s against 10.6 s for the uncompiled networks under CUDA graphs, and it then saves
+# 1.13 s a default video (1.36 s against 2.49 s; docs/benchmarks.md, start-up): 22-45 videos; each shape compiles
+# anew, once a machine (a later job loads it: 8.3-13.4 s of start-up).
 COMPILE_PAYS_BACK_AFTER = 34
 # videos a generation on CUDA: 44.2 a minute after the first generation against 42.0 at one (H100, 64 default
 # videos; four: 46.1, but a longer start and whole job; docs/benchmarks.md)

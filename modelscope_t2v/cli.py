@@ -71,8 +71,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                        help='--compile, keeping the compiled networks on disk in the compiler cache folder '
                             '($TORCHINDUCTOR_CACHE_DIR, default in the system temp folder), so that later runs on '
                             'this machine load them instead of compiling again (inductor\'s standalone_compile '
-                            'artefacts of each block, built in parallel: on an H100 35.2-55.8 s of start-up once, then '
-                            '8.8-13.4 s; a new video size compiles once more)')
+                            'artefacts of each block, built in parallel: on an H100 35.2-61.6 s of start-up once, then '
+                            '8.3-13.4 s; a new video size compiles once more)')
     group.add_argument('--cuda-graphs', action=argparse.BooleanOptionalAction, default=None,
                        help='replay the uncompiled networks from CUDA graphs of their own kernels, captured on the '
                             'first video of each size (a second or so): the default whenever they are not compiled '
