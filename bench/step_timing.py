@@ -18,8 +18,9 @@ gemm-taps (each temporal conv as a GEMM into 3 co tap columns and a frame-shifte
 models/frame_conv.py's kernel), residual-after-ff (each transformer block's last residual added by a kernel of
 its own after the feed-forward's second GEMM, not by that GEMM), text-at-every-step (the texts' keys and values
 projected at every step, not once per generation); or with a kernel's tile config from the environment:
-geglu-config (GEGLU_CONFIG), frame-conv-config (FRAME_CONV_CONFIG). The variants of the alternatives
-docs/decisions.md rejects are in git history.
+geglu-config (GEGLU_CONFIG), frame-conv-config (FRAME_CONV_CONFIG); or option:KEY=VALUE, reduce-overhead with
+one inductor option changed (VALUE a Python literal, e.g. option:triton.max_tiles=3). The variants of the
+alternatives docs/decisions.md rejects are in git history.
 
 Compiling a variant takes minutes of CPU; with --parallel every variant compiles at once in its own
 process (its first-call seconds then count the others' load too), and the timings run one process
@@ -35,6 +36,7 @@ time.
 With --kernels-dir=DIR, each variant's every kernel goes to DIR/kernels-<variant>.txt (ms and launches
 per step). Dynamo's graph-break, recompile, CUDA-graph and performance-hint logs are on.
 """
+import ast
 import collections
 import functools
 import os
@@ -302,6 +304,14 @@ VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
 }
 
 
+def variant(name):
+    """The maker of the named variant's eps_fn: one of VARIANTS, or option:KEY=VALUE."""
+    if not name.startswith('option:'):
+        return VARIANTS[name]
+    key, value = name.removeprefix('option:').split('=', 1)
+    return lambda: guided_eps(compiled(**{key: ast.literal_eval(value)}))
+
+
 def wait_for_turn():
     """In a --parallel child: say this variant is compiled, then wait for every variant compiled and the one
     before this one timed, so that each times with the GPU and the CPU to itself."""
@@ -328,14 +338,15 @@ def run_in_parallel(names):
             print(log.read_text(), flush=True)
 
 
-chosen = [name for name in sys.argv[1:] if name in VARIANTS] or ['eager', 'reduce-overhead']
+chosen = ([name for name in sys.argv[1:] if name in VARIANTS or name.startswith('option:')]
+          or ['eager', 'reduce-overhead'])
 if '--parallel' in sys.argv:
     run_in_parallel(chosen)
 else:
     try:
         eager_eps = guided_eps(unet)(x, t1, ctx).float()   # before any variant changes the model or a setting
         for name in chosen:   # eager first: to_channels_last changes the model for the variants after it
-            report(name, VARIANTS[name](), eager_eps)
+            report(name, variant(name)(), eager_eps)
     finally:   # a --parallel child that failed lets the others go on
         if option('turn') is not None:
             for marker in ('compiled', 'timed'):
