@@ -24,7 +24,9 @@ alternatives docs/decisions.md rejects are in git history.
 
 Compiling a variant takes minutes of CPU; with --parallel every variant compiles at once in its own
 process (its first-call seconds then count the others' load too), and the timings run one process
-at a time, in the order given, with the GPU to themselves.
+at a time, in the order given, with the GPU to themselves. With --compile-limit=S, a variant not compiled
+after S seconds says so and ends, and the others are timed without it (some inductor options compile for
+longer than a device call may run).
 
 Prints per variant: first-call (compile) seconds, the guided eps's max |difference| / max |eager
 eps|, ms per guided eps (one UNet call with two texts and guidance's combination), ms per loop step,
@@ -44,6 +46,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from copy import deepcopy
@@ -317,18 +320,29 @@ def wait_for_turn():
     before this one timed, so that each times with the GPU and the CPU to itself."""
     if option('turn') is None:
         return
+    if compile_limit:
+        compile_limit.cancel()
     turns, turn, count = pathlib.Path(option('turn-dir')), int(option('turn')), int(option('of'))
     (turns / f'compiled-{turn}').touch()
     while len(list(turns.glob('compiled-*'))) < count or (turn and not (turns / f'timed-{turn - 1}').exists()):
         time.sleep(0.5)
 
 
+def give_up_compiling(name):
+    """In a --parallel child whose variant is not compiled within --compile-limit: say so, let the others go
+    on without it, and end."""
+    print(f'{name:40} not compiled within {option("compile-limit")} s: not timed', flush=True)
+    for marker in ('compiled', 'timed'):
+        pathlib.Path(option('turn-dir'), f'{marker}-{option("turn")}').touch()
+    os._exit(1)
+
+
 def run_in_parallel(names):
     """One child process per variant; print their outputs in order once all have finished."""
     with tempfile.TemporaryDirectory() as turn_dir:
         logs = [pathlib.Path(turn_dir, f'log-{i}') for i in range(len(names))]
-        passed_on = [arg for arg in sys.argv
-                     if arg == 'tiny' or arg.startswith(('--kernels-dir=', '--videos=', '--frames=', '--latents='))]
+        shared = ('--kernels-dir=', '--videos=', '--frames=', '--latents=', '--compile-limit=')
+        passed_on = [arg for arg in sys.argv if arg == 'tiny' or arg.startswith(shared)]
         children = [subprocess.Popen([sys.executable, __file__, name, *passed_on,
                                       f'--turn={i}', f'--of={len(names)}', f'--turn-dir={turn_dir}'],
                                      stdout=log.open('w'), stderr=subprocess.STDOUT)
@@ -343,6 +357,11 @@ chosen = ([name for name in sys.argv[1:] if name in VARIANTS or name.startswith(
 if '--parallel' in sys.argv:
     run_in_parallel(chosen)
 else:
+    compile_limit = None
+    if option('turn') is not None and option('compile-limit'):
+        compile_limit = threading.Timer(float(option('compile-limit')), give_up_compiling, chosen)
+        compile_limit.daemon = True
+        compile_limit.start()
     try:
         eager_eps = guided_eps(unet)(x, t1, ctx).float()   # before any variant changes the model or a setting
         for name in chosen:   # eager first: to_channels_last changes the model for the variants after it
