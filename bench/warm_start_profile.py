@@ -1,7 +1,6 @@
 """Where a warm compile-cache start spends its seconds: one fresh process under a sampler of every thread's stack.
 
     python bench/warm_start_profile.py --cache-dir DIR [--model-dir DIR] [--out profile.json] [--no-sampling]
-                                       [--switch-interval S]
     python bench/warm_start_profile.py --summarise profile.json
 
 DIR holds the caches a cold process filled (`bench/startup.py --processes 1 --compile-cache --half-cache
@@ -10,8 +9,7 @@ compile='reduce-overhead', compile_cache=True and half_cache=DIR/half, and makes
 is counted as startup.py counts it. Meanwhile a daemon thread records, every 2 ms, the Python stack of every
 other thread (sys._current_frames): the main thread, the compile cache's loader thread, the thread importing
 diffusers. A thread inside a C call shows the Python frame that made it; the sampler takes the GIL too, so a
-thread that holds it long is sampled less. --no-sampling times the same process without the sampler;
---switch-interval sets the GIL switch interval the package uses while its threads run (gil_sharing.py).
+thread that holds it long is sampled less. --no-sampling times the same process without the sampler.
 
 The summary gives, per phase (import, load, first video, ...) and thread, the functions most often on the stack,
 then a timeline: each thread's most frequent function in every half second.
@@ -63,9 +61,7 @@ sampler = threading.Thread(target=sample, name='sampler', daemon=True)
 if sys.argv[3] == 'sample':
     sampler.start()
 import torch
-from modelscope_t2v import TextToVideo, gil_sharing, parse_request
-if sys.argv[4] != 'package':
-    gil_sharing.SWITCH_INTERVAL = float(sys.argv[4])
+from modelscope_t2v import TextToVideo, parse_request
 mark('imported')
 engine = TextToVideo.from_pretrained(sys.argv[1], device='cuda', compile='reduce-overhead', compile_cache=True,
                                      half_cache=sys.argv[2])
@@ -85,11 +81,9 @@ print(json.dumps({'startup_s': round(times['video 3'] - 3 * (times['video 3'] - 
 '''
 
 
-def profile(model_dir: str, cache: str, sample: bool, switch_interval: float | None = None) -> dict:
-    """The warm process's marks (seconds from its start), start-up, torch.compile's timers and stack samples;
-    `switch_interval`: gil_sharing.SWITCH_INTERVAL in it (None: the package's)."""
-    command = [sys.executable, '-c', CHILD, model_dir, os.path.join(cache, 'half'), 'sample' if sample else 'time',
-               'package' if switch_interval is None else repr(switch_interval)]
+def profile(model_dir: str, cache: str, sample: bool) -> dict:
+    """The warm process's marks (seconds from its start), start-up, torch.compile's timers and stack samples."""
+    command = [sys.executable, '-c', CHILD, model_dir, os.path.join(cache, 'half'), 'sample' if sample else 'time']
     out = subprocess.run(command, env=fresh_process_env(cache), check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -140,9 +134,6 @@ def main(argv=None):
     parser.add_argument('--out', default='warm-start-profile.json', help='the marks and stack samples (JSON)')
     parser.add_argument('--no-sampling', action='store_true', help='time the process without the sampler')
     parser.add_argument('--summarise', metavar='JSON', help='print the summary of an earlier --out file and stop')
-    parser.add_argument('--switch-interval', type=float, metavar='S',
-                        help="the GIL switch interval while the package's threads run (gil_sharing.py; 0.005: "
-                             "Python's default, unchanged; default: the package's)")
     args = parser.parse_args(argv)
     if args.summarise:
         with open(args.summarise) as f:
@@ -150,7 +141,7 @@ def main(argv=None):
         return
     if not args.cache_dir:
         parser.error('--cache-dir is required (or --summarise)')
-    result = profile(args.model_dir, args.cache_dir, not args.no_sampling, args.switch_interval)
+    result = profile(args.model_dir, args.cache_dir, not args.no_sampling)
     with open(args.out, 'w') as f:
         json.dump(result, f)
     print(summarise(result) if result['samples'] else f"start-up {result['startup_s']} s; marks {result['marks']}")

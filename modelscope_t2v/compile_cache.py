@@ -50,7 +50,6 @@ from torch import nn
 
 from .artefact_builds import Builder, default_workers, save_atomically, weight_places
 from .cuda_graphs import CallsByKind, frozen_call
-from .gil_sharing import shorten_until_done
 from .torch_key import remember_torch_key, restore_torch_key
 
 logger = logging.getLogger(__name__)
@@ -87,7 +86,6 @@ class CompileCache:
         restore_torch_key(self.folder)   # else the first load computes it: 1-1.9 s on the loader thread (torch_key.py)
         self.loading: Dict[str, Future] = {path: self.loader.submit(load_artefact, path)
                                            for path in self.noted if os.path.exists(path)}
-        shorten_until_done(self.loading.values())   # the loads run Python beside the main thread's torch calls
 
     def compile(self, network: nn.Module, options: dict) -> None:
         """Make `network`'s calls run through compiled artefacts of its compile_regions() (of the whole network if

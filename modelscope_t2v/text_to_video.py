@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from . import config as config_lib
-from . import gil_sharing, model_folder, tokenizer, video_io
+from . import model_folder, tokenizer, video_io
 from .compile_cache import CompileCache, compiled_calls, preload_key
 from .cuda_graphs import capture_calls
 from .half_cache import HALF_DTYPES, load_networks_cached
@@ -115,7 +115,6 @@ class TextToVideo:
             compile_cache = open_compile_cache(compile_cache, (folder.config, dtype, device, compile_mode(compile),
                                                                low_memory))
         importing = import_diffusers_meanwhile()   # the loading below imports no module of its own
-        release_gil_sooner = gil_sharing.shorten()   # that import runs Python beside the loading's torch calls
         try:
             if half_cache and dtype in HALF_DTYPES:
                 cache_dir = None if half_cache is True else half_cache
@@ -133,7 +132,6 @@ class TextToVideo:
             raise
         finally:
             importing.join()
-            release_gil_sooner()
 
     @classmethod
     def from_networks(cls, config: config_lib.ModelConfig, networks, model_dir: str = '', device=None,
