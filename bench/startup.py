@@ -2,6 +2,7 @@
 
     python bench/startup.py --out startup.json [--model-dir DIR] [--processes 2] [--cache-dir DIR]
                             [--compile-cache | --cuda-graphs] [--half-cache] [--device cpu --size tiny --steps 3]
+                            [--option KEY=VALUE ...]
 
 Each process is a new Python interpreter that imports the package, loads the model with compile=, and makes three
 default generations (16 frames of 256x256, DDIM 50, guidance 9). The first one pays for compiling (with the compile
@@ -17,6 +18,8 @@ blocks in the inductor cache folder, built in parallel processes; no tracing in 
 counts the blocks' kinds of call built and loaded. --cuda-graphs loads
 with cuda_graphs=True instead of compiling (cuda_graphs.py: the eager networks replayed from CUDA graphs).
 --half-cache reads the weights from a half-precision copy in the cache folder (written by the first process).
+--option adds an inductor option to those the package compiles with (text_to_video.compile_options), e.g.
+cpp_wrapper=True (a C++ wrapper around each compiled graph's kernels instead of a Python module).
 After its timings each process makes the video again with an uncompiled engine: the largest uint8 difference
 and the PSNR of the fast path's frames (the third video's) against those check that it computes what the networks
 do, and the hash of those uint8 frames tells whether processes made the same video.
@@ -25,6 +28,7 @@ do, and the hash of those uint8 frames tells whether processes made the same vid
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import shutil
@@ -42,11 +46,13 @@ from modelscope_t2v.tools.make_random_model import write_model_dir  # noqa: E402
 CHILD = r'''
 import hashlib, json, sys, time
 started = float(sys.argv[2])
-options, device, steps = json.loads(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+options, device, steps, inductor = json.loads(sys.argv[3]), sys.argv[4], int(sys.argv[5]), json.loads(sys.argv[6])
 import numpy as np
 import torch
-from modelscope_t2v import TextToVideo, parse_request
+from modelscope_t2v import TextToVideo, parse_request, text_to_video
 from modelscope_t2v.compile_cache import artefact_counts
+package_options = text_to_video.compile_options
+text_to_video.compile_options = lambda mode: {**package_options(mode), **inductor}
 imported = time.time()
 sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
 engine = TextToVideo.from_pretrained(sys.argv[1], device=device, **options)
@@ -89,11 +95,11 @@ def fresh_process_env(cache: str) -> dict:
             'TRITON_CACHE_DIR': os.path.join(cache, 'triton'), 'PYTHONPATH': path}
 
 
-def run_process(model_dir: str, cache: str, options: dict, device: str, steps: int) -> dict:
-    """One fresh process's timings (seconds), with the compiler caches in `cache` and from_pretrained's
-    `options`."""
+def run_process(model_dir: str, cache: str, options: dict, device: str, steps: int, inductor: dict) -> dict:
+    """One fresh process's timings (seconds), with the compiler caches in `cache`, from_pretrained's `options`
+    and `inductor` options added to the package's."""
     out = subprocess.run([sys.executable, '-c', CHILD, model_dir, repr(time.time()), json.dumps(options), device,
-                          str(steps)],
+                          str(steps), json.dumps(inductor)],
                          env=fresh_process_env(cache), check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -113,6 +119,9 @@ def main(argv=None):
     parser.add_argument('--device', choices=('cuda', 'cpu'), default='cuda')
     parser.add_argument('--steps', type=int, default=50, help='DDIM steps of each video (default: %(default)s)')
     parser.add_argument('--size', choices=('full', 'tiny'), default='full', help='of a model written if missing')
+    parser.add_argument('--option', action='append', default=[], metavar='KEY=VALUE',
+                        help="an inductor option added to the package's compile_options (VALUE a Python literal, "
+                             "e.g. cpp_wrapper=True); repeatable")
     args = parser.parse_args(argv)
     command = ' '.join(['python bench/startup.py'] + (sys.argv[1:] if argv is None else argv))
     if args.cuda_graphs and args.compile_cache:
@@ -124,16 +133,18 @@ def main(argv=None):
     options = {'compile': False if args.cuda_graphs else args.compile_mode, 'compile_cache': args.compile_cache,
                'cuda_graphs': args.cuda_graphs, 'half_cache': os.path.join(cache, 'half') if args.half_cache
                else False}
+    inductor = {key: ast.literal_eval(value) for key, value in (option.split('=', 1) for option in args.option)}
     rows = []
     for i in range(args.processes):
         rows.append({'process': i + 1, 'caches': 'cold' if i == 0 else 'warm',
-                     **run_process(args.model_dir, cache, options, args.device, args.steps)})
+                     **run_process(args.model_dir, cache, options, args.device, args.steps, inductor)})
         print(json.dumps(rows[-1]), flush=True)
     import torch
     with open(args.out, 'w') as f:
         device = torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'
         json.dump({'device': device, 'torch': torch.__version__,
                    'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), 'options': options,
+                   'inductor_options': inductor,
                    'command': command, 'rows': rows}, f, indent=2)
 
 
