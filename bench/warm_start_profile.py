@@ -1,6 +1,7 @@
-"""Where a warm compile-cache start spends its seconds: one fresh process under a sampler of every thread's stack.
+"""Where a compile-cache start spends its seconds (warm; cold with --cold): a fresh process, every thread sampled.
 
     python bench/warm_start_profile.py --cache-dir DIR [--model-dir DIR] [--out profile.json] [--no-sampling]
+                                       [--cold]
     python bench/warm_start_profile.py --summarise profile.json
 
 DIR holds the caches a cold process filled (`bench/startup.py --processes 1 --compile-cache --half-cache
@@ -9,7 +10,9 @@ compile='reduce-overhead', compile_cache=True and half_cache=DIR/half, and makes
 is counted as startup.py counts it. Meanwhile a daemon thread records, every 2 ms, the Python stack of every
 other thread (sys._current_frames): the main thread, the compile cache's loader thread, the thread importing
 diffusers. A thread inside a C call shows the Python frame that made it; the sampler takes the GIL too, so a
-thread that holds it long is sampled less. --no-sampling times the same process without the sampler.
+thread that holds it long is sampled less. --no-sampling times the same process without the sampler. --cold
+empties DIR first: the process then converts the weights into the half cache and builds the artefacts in worker
+processes (not sampled) while its first video runs uncompiled, as a cold start does.
 
 The summary gives, per phase (import, load, first video, ...) and thread, the functions most often on the stack,
 then a timeline: each thread's most frequent function in every half second.
@@ -21,6 +24,7 @@ import argparse
 import collections
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -130,6 +134,7 @@ def ours(frame: str) -> bool:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--cache-dir', help='the caches a cold bench/startup.py process filled (not emptied)')
+    parser.add_argument('--cold', action='store_true', help='empty --cache-dir first: profile a cold start')
     parser.add_argument('--model-dir', default=os.path.join(tempfile.gettempdir(), 'modelscope-t2v-bench'))
     parser.add_argument('--out', default='warm-start-profile.json', help='the marks and stack samples (JSON)')
     parser.add_argument('--no-sampling', action='store_true', help='time the process without the sampler')
@@ -141,6 +146,8 @@ def main(argv=None):
         return
     if not args.cache_dir:
         parser.error('--cache-dir is required (or --summarise)')
+    if args.cold:
+        shutil.rmtree(args.cache_dir, ignore_errors=True)
     result = profile(args.model_dir, args.cache_dir, not args.no_sampling)
     with open(args.out, 'w') as f:
         json.dump(result, f)
