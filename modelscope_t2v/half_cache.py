@@ -12,6 +12,8 @@ Layout: `<root>/<model dir name>-<dtype>-<16 hex digits>/{text_encoder,unet,auto
 and `manifest.json`, root `cache_dir`, else `$MODELSCOPE_T2V_CACHE`, else `~/.cache/modelscope_t2v`.
 The digits hash everything the files depend on (see `_cache_folder`), so a changed source file or
 configuration gets a new folder; writing it removes the folders it supersedes (`_remove_superseded`).
+An engine on a GPU does not wait for the writing (write_behind): its first generation, which starts a cold
+compile cache's builds, runs meanwhile.
 
 Integrity. The manifest records, when the cache is written, the size and xxh3-128 hash of every
 cache file, and a sampled hash of every source file (`_source_sample`). Each start verifies them
@@ -35,6 +37,7 @@ import os
 import re
 import shutil
 import stat
+import threading
 
 import torch
 import xxhash
@@ -57,11 +60,18 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 NETWORK_FILES = ('text_encoder.safetensors', 'unet.safetensors', 'autoencoder.safetensors')  # load_networks' order
 MANIFEST = 'manifest.json'    # written last: its hashes of the files above and of the sources
 SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 16, 1 << 20   # _source_sample reads 16 MiB of each source file
+_writers: list = []   # the threads writing caches behind (load_networks_cached's write_behind)
 
 
-def load_networks_cached(folder: ModelFolder, dtype: torch.dtype, cache_dir: str | None = None):
+def load_networks_cached(folder: ModelFolder, dtype: torch.dtype, cache_dir: str | None = None,
+                         write_behind: bool = False):
     """(text encoder, UNet, autoencoder) in `dtype` on the CPU, from a safetensors cache of the model folder's
-    weights; built from the originals (model_folder.load_networks) and written on the first call."""
+    weights; built from the originals (model_folder.load_networks) and written on the first call.
+
+    With `write_behind` that first call returns before the cache is written, which a thread of its own does
+    meanwhile (wait_for_writes() joins it; the process's exit waits for it): for a caller that copies the
+    networks elsewhere (to a GPU) and leaves the CPU tensors returned as they are. What it writes is the
+    networks' tensors as returned, whatever the caller then assigns to their parameters."""
     if dtype not in HALF_DTYPES:
         raise ValueError(f'dtype={dtype} cannot be cached: the weight cache holds one of '
                          f'{[str(d) for d in HALF_DTYPES]}; load float32 with model_folder.load_networks')
@@ -74,8 +84,21 @@ def load_networks_cached(folder: ModelFolder, dtype: torch.dtype, cache_dir: str
             return networks  # the files hold `dtype`
     logger.info('converting the weights of %s to %s (once); caching them in %s', folder.path, dtype, cache)
     networks = tuple(net.to(dtype) for net in model_folder.load_networks(folder))
-    _write(cache, networks, folder.path, sources)
+    states = [net.state_dict() for net in networks]   # the tensors now, before the caller moves the networks
+    if write_behind:
+        writer = threading.Thread(target=_write, args=(cache, states, folder.path, sources),
+                                  name='modelscope-t2v-half-cache')
+        writer.start()
+        _writers.append(writer)
+    else:
+        _write(cache, states, folder.path, sources)
     return networks
+
+
+def wait_for_writes() -> None:
+    """Wait for the caches being written behind (load_networks_cached's write_behind)."""
+    while _writers:
+        _writers.pop().join()
 
 
 def _cache_folder(folder: ModelFolder, dtype: torch.dtype, cache_dir: str | None) -> str:
@@ -186,9 +209,9 @@ def _read(folder: str, config: ModelConfig, sources: dict):
     return networks
 
 
-def _write(folder: str, networks, model_dir: str, sources: dict) -> None:
-    """Write the networks' state dicts and the manifest into a temporary sibling, then rename it to `folder`
-    atomically.
+def _write(folder: str, states, model_dir: str, sources: dict) -> None:
+    """Write the networks' state dicts (NETWORK_FILES' order) and the manifest into a temporary sibling, then
+    rename it to `folder` atomically.
 
     Failure only logs: the cache is an optimisation, and the caller already holds the networks.
     """
@@ -201,10 +224,10 @@ def _write(folder: str, networks, model_dir: str, sources: dict) -> None:
         os.makedirs(root, exist_ok=True)
         temp = scratch.temporary_sibling(folder)   # removes those of writers killed before
         files = {}
-        for net, file in zip(networks, NETWORK_FILES):
+        for state, file in zip(states, NETWORK_FILES):
             path = os.path.join(temp, file)
             # only the keys the network loads; safetensors wants contiguous tensors
-            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+            save_file({k: v.contiguous() for k, v in state.items()}, path)
             files[file] = {'bytes': os.path.getsize(path), 'xxh3_128': _file_hash(path)}
         with open(os.path.join(temp, MANIFEST), 'w') as f:
             json.dump({'format': FORMAT_VERSION, 'files': files, 'sources': sources}, f, indent=1)

@@ -118,7 +118,9 @@ class TextToVideo:
         try:
             if half_cache and dtype in HALF_DTYPES:
                 cache_dir = None if half_cache is True else half_cache
-                networks = load_networks_cached(folder, dtype, cache_dir)
+                # an engine on a GPU without low_memory copies every tensor there: the CPU ones are the writer's
+                networks = load_networks_cached(folder, dtype, cache_dir,
+                                                write_behind=device.type == 'cuda' and not low_memory)
             else:
                 if half_cache:
                     logger.warning('half_cache ignored: it holds float16/bfloat16 weights, and this run is %s',

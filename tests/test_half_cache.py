@@ -3,6 +3,7 @@
 import logging
 import os
 import shutil
+import threading
 import time
 
 import numpy as np
@@ -75,6 +76,32 @@ def _assert_converted(networks, originals, dtype) -> int:
 
 def _folders(root) -> list:
     return sorted(os.listdir(root))
+
+
+def test_a_cache_written_behind_holds_the_tensors_returned(tiny_model_dir, originals, tmp_path, monkeypatch):
+    """With write_behind the first call returns before the cache is written, and the cache holds the tensors it
+    returned although the caller then gives the networks others (as moving them to a GPU does)."""
+    go, write = threading.Event(), half_cache._write
+    monkeypatch.setattr(half_cache, '_write', lambda *args: (go.wait(10), write(*args)))
+    root = tmp_path / 'cache'
+    networks = load_networks_cached(open_folder(tiny_model_dir), torch.float16, str(root), write_behind=True)
+    assert not root.exists()
+    for net in networks:
+        for tensor in [*net.parameters(), *net.buffers()]:
+            tensor.data = torch.zeros_like(tensor)
+    go.set()
+    half_cache.wait_for_writes()
+    _forbid_builds(monkeypatch)
+    read = load_networks_cached(open_folder(tiny_model_dir), torch.float16, str(root))
+    assert _assert_converted(read, originals, torch.float16) == sum(len(net.state_dict()) for net in originals)
+
+
+def test_an_engine_on_the_cpu_writes_its_cache_before_using_the_networks(tiny_model_dir, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr('modelscope_t2v.text_to_video.load_networks_cached',
+                        lambda *args, write_behind: seen.append(write_behind) or load_networks_cached(*args))
+    TextToVideo.from_pretrained(tiny_model_dir, device='cpu', dtype=torch.float16, half_cache=str(tmp_path))
+    assert seen == [False]
 
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
