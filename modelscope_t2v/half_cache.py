@@ -89,7 +89,7 @@ def load_networks_cached(folder: ModelFolder, dtype: torch.dtype, cache_dir: str
         writer = threading.Thread(target=_write, args=(cache, states, folder.path, sources),
                                   name='modelscope-t2v-half-cache')
         writer.start()
-        _writers.append(writer)
+        _writers[:] = [other for other in _writers if other.is_alive()] + [writer]
     else:
         _write(cache, states, folder.path, sources)
     return networks
