@@ -2,7 +2,7 @@
 
     python bench/startup.py --out startup.json [--model-dir DIR] [--processes 2] [--cache-dir DIR]
                             [--compile-cache | --cuda-graphs] [--half-cache] [--device cpu --size tiny --steps 3]
-                            [--option KEY=VALUE ...] [--no-compile-ahead]
+                            [--option KEY=VALUE ...]
 
 Each process is a new Python interpreter that imports the package, loads the model with compile=, and makes three
 default generations (16 frames of 256x256, DDIM 50, guidance 9). The first one pays for compiling (with the compile
@@ -18,8 +18,6 @@ blocks in the inductor cache folder, built in parallel processes; no tracing in 
 counts the blocks' kinds of call built and loaded. --cuda-graphs loads
 with cuda_graphs=True instead of compiling (cuda_graphs.py: the eager networks replayed from CUDA graphs).
 --half-cache reads the weights from a half-precision copy in the cache folder (written by the first process).
---no-compile-ahead loads with compile_ahead=False: a cold compile cache's builds start in the first generation,
-not in a rehearsal before the weights are read (compile_ahead.py).
 --option adds an inductor option to those the package compiles with (text_to_video.compile_options), e.g.
 cpp_wrapper=True (a C++ wrapper around each compiled graph's kernels instead of a Python module).
 After its timings each process makes the video again with an uncompiled engine: the largest uint8 difference
@@ -124,7 +122,6 @@ def main(argv=None):
     parser.add_argument('--option', action='append', default=[], metavar='KEY=VALUE',
                         help="an inductor option added to the package's compile_options (VALUE a Python literal, "
                              "e.g. cpp_wrapper=True); repeatable")
-    parser.add_argument('--no-compile-ahead', action='store_true', help="from_pretrained's compile_ahead=False")
     args = parser.parse_args(argv)
     command = ' '.join(['python bench/startup.py'] + (sys.argv[1:] if argv is None else argv))
     if args.cuda_graphs and args.compile_cache:
@@ -135,7 +132,7 @@ def main(argv=None):
     shutil.rmtree(cache, ignore_errors=True)
     options = {'compile': False if args.cuda_graphs else args.compile_mode, 'compile_cache': args.compile_cache,
                'cuda_graphs': args.cuda_graphs, 'half_cache': os.path.join(cache, 'half') if args.half_cache
-               else False, 'compile_ahead': not args.no_compile_ahead}
+               else False}
     inductor = {key: ast.literal_eval(value) for key, value in (option.split('=', 1) for option in args.option)}
     rows = []
     for i in range(args.processes):

@@ -40,7 +40,7 @@ def default_workers() -> int:
 
 class Builder:
     """Builds artefacts, in `workers` processes at once (build_workers.py; 0: in this process, one after another).
-    A path asked for again gets its build, running or ended (until wait())."""
+    A path asked for again while its build runs gets that build."""
 
     def __init__(self, workers: int):
         self.workers = workers
@@ -49,7 +49,7 @@ class Builder:
 
     def submit(self, network: nn.Module, arguments: list, path: str, options: dict) -> Future:
         """Start building `network`'s call with these arguments into `path`; the future's result is None."""
-        if path in self.builds:
+        if path in self.builds and not self.builds[path].done():
             return self.builds[path]
         skeleton = pickled_skeleton(network) if self.workers else None
         if skeleton is None:

@@ -23,7 +23,6 @@ from einops import rearrange
 
 from . import config as config_lib
 from . import model_folder, tokenizer, video_io
-from .compile_ahead import check_compile_ahead, rehearsal_request, start_builds
 from .compile_cache import CompileCache, compiled_calls, preload_key
 from .cuda_graphs import capture_calls
 from .half_cache import HALF_DTYPES, load_networks_cached
@@ -87,7 +86,7 @@ class TextToVideo:
     def from_pretrained(cls, model_dir: str, device=None, dtype=None, compile: bool | str = False,
                         low_memory: bool = False, half_cache: bool | str = False,
                         base_model: str | None = None, compile_cache: bool | str = False,
-                        cuda_graphs: bool = False, compile_ahead: bool | dict = True) -> 'TextToVideo':
+                        cuda_graphs: bool = False) -> 'TextToVideo':
         """Build the networks of `model_dir` from its files (strictly) onto the device.
 
         model_dir: a folder in the original layout or diffusers' (model_folder.py).
@@ -99,12 +98,6 @@ class TextToVideo:
             later process on this machine loads it instead of tracing the networks
             again (compile_cache.py; True: in inductor's cache folder), on a thread
             that starts here, while the weights load.
-        compile_ahead: with compile_cache on a GPU and no artefacts an earlier
-            engine like this one used, start the builds before the weights are
-            read, from a one-step rehearsal on zeroed weights (compile_ahead.py)
-            of the model's default video (True), of a video of these options (a
-            dict of compile_ahead.SHAPING_KEYS: what the first generation will
-            ask for), or of none (False).
         cuda_graphs: on CUDA, without compile, replay each network's eager kernels
             from CUDA graphs (capture_graphs): seconds of capture instead of
             minutes of compiling, and no waiting for the host's kernel launches.
@@ -116,18 +109,13 @@ class TextToVideo:
             model_dir lacks (zeroscope's zs2_576w/ has no autoencoder).
         """
         check_compile_options(compile, compile_cache, cuda_graphs)   # bad values are refused before loading
-        check_compile_ahead(compile_ahead)
         device, dtype = default_device_and_dtype(device, dtype)
         folder = model_folder.open_folder(model_dir, base_model, half=dtype in HALF_DTYPES)
-        rehearsal = rehearsal_request(compile_ahead, folder.config) if compile_ahead else None
         if compile_cache and compile_mode(compile) and device.type == 'cuda':   # its artefacts load meanwhile
             compile_cache = open_compile_cache(compile_cache, (folder.config, dtype, device, compile_mode(compile),
                                                                low_memory))
         importing = import_diffusers_meanwhile()   # the loading below imports no module of its own
         try:
-            if isinstance(compile_cache, CompileCache) and rehearsal and not low_memory and not compile_cache.noted:
-                compile_ahead_of_loading(cls, folder.config, device, dtype, rehearsal, compile_mode(compile),
-                                         compile_cache)
             if half_cache and dtype in HALF_DTYPES:
                 cache_dir = None if half_cache is True else half_cache
                 # an engine on a GPU without low_memory copies every tensor there: the CPU ones are the writer's
@@ -584,16 +572,6 @@ def check_compile_options(compile, compile_cache, cuda_graphs) -> None:
     if cuda_graphs and compile_mode(compile):
         raise ValueError(f"cuda_graphs=True replays the uncompiled networks: pass it without compile (given "
                          f"compile={compile!r}); compile='reduce-overhead' gives compiled networks CUDA graphs")
-
-
-def compile_ahead_of_loading(*arguments) -> None:
-    """compile_ahead.start_builds(*arguments), which only saves time: where the rehearsal fails, the first
-    generation starts the builds it did not."""
-    try:
-        start_builds(*arguments)
-    except Exception as error:  # noqa: BLE001 - whatever it was, the real generation builds what it needs
-        logger.warning('compile_ahead: the rehearsal failed (%s: %s); the first generation starts the builds',
-                       type(error).__name__, error)
 
 
 def open_compile_cache(compile_cache: bool | str, engine: Optional[tuple] = None) -> CompileCache:

@@ -56,14 +56,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def eager_artefacts(monkeypatch):
-    """Eager stand-ins for inductor, built in this process (a worker process would not see them)."""
-    from eager_artefacts import EagerArtefacts
-    from modelscope_t2v import compile_cache
-    artefacts = EagerArtefacts()
-    monkeypatch.setattr(compile_cache, 'default_workers', lambda: 0)
-    monkeypatch.setattr(torch._inductor, 'standalone_compile', artefacts.standalone_compile)
-    monkeypatch.setattr(torch._inductor.CompiledArtifact, 'load', staticmethod(artefacts.load))
