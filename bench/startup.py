@@ -95,6 +95,17 @@ def fresh_process_env(cache: str) -> dict:
             'TRITON_CACHE_DIR': os.path.join(cache, 'triton'), 'PYTHONPATH': path}
 
 
+def add_option_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--option', action='append', default=[], metavar='KEY=VALUE',
+                        help="an inductor option added to the package's compile_options (VALUE a Python literal, "
+                             "e.g. cpp_wrapper=True); repeatable")
+
+
+def inductor_options(options: list) -> dict:
+    """--option's KEY=VALUE strings as {KEY: the Python literal VALUE}."""
+    return {key: ast.literal_eval(value) for key, value in (option.split('=', 1) for option in options)}
+
+
 def run_process(model_dir: str, cache: str, options: dict, device: str, steps: int, inductor: dict) -> dict:
     """One fresh process's timings (seconds), with the compiler caches in `cache`, from_pretrained's `options`
     and `inductor` options added to the package's."""
@@ -119,9 +130,7 @@ def main(argv=None):
     parser.add_argument('--device', choices=('cuda', 'cpu'), default='cuda')
     parser.add_argument('--steps', type=int, default=50, help='DDIM steps of each video (default: %(default)s)')
     parser.add_argument('--size', choices=('full', 'tiny'), default='full', help='of a model written if missing')
-    parser.add_argument('--option', action='append', default=[], metavar='KEY=VALUE',
-                        help="an inductor option added to the package's compile_options (VALUE a Python literal, "
-                             "e.g. cpp_wrapper=True); repeatable")
+    add_option_argument(parser)
     args = parser.parse_args(argv)
     command = ' '.join(['python bench/startup.py'] + (sys.argv[1:] if argv is None else argv))
     if args.cuda_graphs and args.compile_cache:
@@ -133,7 +142,7 @@ def main(argv=None):
     options = {'compile': False if args.cuda_graphs else args.compile_mode, 'compile_cache': args.compile_cache,
                'cuda_graphs': args.cuda_graphs, 'half_cache': os.path.join(cache, 'half') if args.half_cache
                else False}
-    inductor = {key: ast.literal_eval(value) for key, value in (option.split('=', 1) for option in args.option)}
+    inductor = inductor_options(args.option)
     rows = []
     for i in range(args.processes):
         rows.append({'process': i + 1, 'caches': 'cold' if i == 0 else 'warm',

@@ -1,7 +1,7 @@
 """Where a compile-cache start spends its seconds (warm; cold with --cold): a fresh process, every thread sampled.
 
     python bench/warm_start_profile.py --cache-dir DIR [--model-dir DIR] [--out profile.json] [--no-sampling]
-                                       [--cold]
+                                       [--cold] [--option KEY=VALUE ...]
     python bench/warm_start_profile.py --summarise profile.json
 
 DIR holds the caches a cold process filled (`bench/startup.py --processes 1 --compile-cache --half-cache
@@ -12,7 +12,8 @@ other thread (sys._current_frames): the main thread, the compile cache's loader 
 diffusers. A thread inside a C call shows the Python frame that made it; the sampler takes the GIL too, so a
 thread that holds it long is sampled less. --no-sampling times the same process without the sampler. --cold
 empties DIR first: the process then converts the weights into the half cache and builds the artefacts in worker
-processes (not sampled) while its first video runs uncompiled, as a cold start does.
+processes (not sampled) while its first video runs uncompiled, as a cold start does. --option adds an inductor
+option to the package's compile options, as startup.py's does (give the one that filled DIR).
 
 The summary gives, per phase (import, load, first video, ...) and thread, the functions most often on the stack,
 then a timeline: each thread's most frequent function in every half second.
@@ -31,7 +32,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from startup import fresh_process_env  # noqa: E402
+from startup import add_option_argument, fresh_process_env, inductor_options  # noqa: E402
 
 IDLE = ('_recv_msg', 'timer.py:check', '_monitor.py:run', 'thread.py:_worker')   # threads waiting for work
 
@@ -65,7 +66,9 @@ sampler = threading.Thread(target=sample, name='sampler', daemon=True)
 if sys.argv[3] == 'sample':
     sampler.start()
 import torch
-from modelscope_t2v import TextToVideo, parse_request
+from modelscope_t2v import TextToVideo, parse_request, text_to_video
+package_options, inductor = text_to_video.compile_options, json.loads(sys.argv[4])
+text_to_video.compile_options = lambda mode: {**package_options(mode), **inductor}
 mark('imported')
 engine = TextToVideo.from_pretrained(sys.argv[1], device='cuda', compile='reduce-overhead', compile_cache=True,
                                      half_cache=sys.argv[2])
@@ -85,9 +88,11 @@ print(json.dumps({'startup_s': round(times['video 3'] - 3 * (times['video 3'] - 
 '''
 
 
-def profile(model_dir: str, cache: str, sample: bool) -> dict:
-    """The warm process's marks (seconds from its start), start-up, torch.compile's timers and stack samples."""
-    command = [sys.executable, '-c', CHILD, model_dir, os.path.join(cache, 'half'), 'sample' if sample else 'time']
+def profile(model_dir: str, cache: str, sample: bool, inductor: dict) -> dict:
+    """The warm process's marks (seconds from its start), start-up, torch.compile's timers and stack samples, with
+    `inductor` options added to the package's."""
+    command = [sys.executable, '-c', CHILD, model_dir, os.path.join(cache, 'half'), 'sample' if sample else 'time',
+               json.dumps(inductor)]
     out = subprocess.run(command, env=fresh_process_env(cache), check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -139,6 +144,7 @@ def main(argv=None):
     parser.add_argument('--out', default='warm-start-profile.json', help='the marks and stack samples (JSON)')
     parser.add_argument('--no-sampling', action='store_true', help='time the process without the sampler')
     parser.add_argument('--summarise', metavar='JSON', help='print the summary of an earlier --out file and stop')
+    add_option_argument(parser)
     args = parser.parse_args(argv)
     if args.summarise:
         with open(args.summarise) as f:
@@ -148,7 +154,7 @@ def main(argv=None):
         parser.error('--cache-dir is required (or --summarise)')
     if args.cold:
         shutil.rmtree(args.cache_dir, ignore_errors=True)
-    result = profile(args.model_dir, args.cache_dir, not args.no_sampling)
+    result = profile(args.model_dir, args.cache_dir, not args.no_sampling, inductor_options(args.option))
     with open(args.out, 'w') as f:
         json.dump(result, f)
     print(summarise(result) if result['samples'] else f"start-up {result['startup_s']} s; marks {result['marks']}")
