@@ -3,16 +3,15 @@
     python bench/step_timing.py            # GPU, real-size random UNet, fp16, 2 texts per video (guidance)
     python bench/step_timing.py tiny eager                         # CPU dry run
     python bench/step_timing.py reduce-overhead plain-geglu        # only the named variants, in this order
-    python bench/step_timing.py --parallel reduce-overhead no-pdl  # each variant compiled in its own process at
-                                                                   # once, then timed one after another
+    python bench/step_timing.py --parallel reduce-overhead gemm-taps    # each variant compiled in its own process
+                                                                        # at once, then timed one after another
     python bench/step_timing.py reduce-overhead --videos=2         # 2 videos a call (batched prompts)
     python bench/step_timing.py reduce-overhead --frames=24 --latents=72x40   # zeroscope 576w's shape
 
 Variants: eager, cuda-graphs (a copy of the eager UNet replayed from CUDA graphs of its own kernels, as
 from_pretrained's cuda_graphs=True: cuda_graphs.capture_calls), reduce-overhead (the package's compiled path).
 The others are reduce-overhead with one of the package's choices undone, to measure it again (docs/decisions.md,
-"Kept"): no-pdl (without programmatic dependent launch, by which on Hopper each Triton kernel starts while the
-one before it ends), not-deterministic (inductor's default mode, which times several configs of each reduction
+"Kept"): not-deterministic (inductor's default mode, which times several configs of each reduction
 kernel), plain-geglu (each GEGLU as F.linear and a fused gelu-multiply, not models/geglu.py's kernel),
 gemm-taps (each temporal conv as a GEMM into 3 co tap columns and a frame-shifted sum, not
 models/frame_conv.py's kernel), residual-after-ff (each transformer block's last residual added by a kernel of
@@ -296,7 +295,6 @@ VARIANTS = {   # name -> a maker of eps_fn(x, t, context), the guided eps
     'eager': lambda: guided_eps(unet),
     'cuda-graphs': eager_graphs,
     'reduce-overhead': lambda: guided_eps(compiled()),
-    'no-pdl': lambda: guided_eps(compiled(**{'triton.enable_pdl': False})),
     'not-deterministic': lambda: guided_eps(compiled(deterministic=False)),
     'plain-geglu': plain_geglu,
     'geglu-config': geglu_config,

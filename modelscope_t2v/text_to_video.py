@@ -150,8 +150,7 @@ class TextToVideo:
         return engine
 
     def compile_networks(self, mode: str, compile_cache: bool | str = False) -> None:
-        """torch.compile the networks in place (from_pretrained's compile=), with programmatic dependent launch
-        (compile_options): the UNet channels-last, its temporal convs as GEMMs, in `mode`; the text encoder in
+        """torch.compile the networks in place (from_pretrained's compile=, with compile_options): the UNet channels-last, its temporal convs as GEMMs, in `mode`; the text encoder in
         `mode` too, unless low_memory (a CUDA graph would record again each time its weights come back from
         the CPU); the autoencoder's decoder in mode 'reduce-overhead' where `mode` has CUDA graphs and not
         low_memory, else in mode 'default'. Checkpoint keys are unchanged. With compile_cache, each network's
@@ -601,16 +600,13 @@ def check_compile_cache(compile_cache) -> None:
 
 
 def compile_options(mode: str) -> dict:
-    """The inductor options of torch.compile's `mode`, with
-    - programmatic dependent launch where this torch has it: on Hopper and newer each Triton kernel starts
-      while the kernel before it ends (-0.23 ms a guided step on an H200); other GPUs ignore it;
-    - inductor's deterministic mode: its kernels' variants are chosen when they are built, not timed in each
-      process, so every process makes the same frames from the same seed (on an H100 a default video took
-      1.6 % longer, and a warm process's first video 1 s less; docs/decisions.md)."""
+    """The inductor options of torch.compile's `mode`, in inductor's deterministic mode: its kernels' variants
+    are chosen when they are built, not timed in each process, so every process makes the same frames from the
+    same seed (on an H100 a default video took 1.6 % longer, and a warm process's first video 1 s less).
+    Without programmatic dependent launch, whose kernels inductor's static launcher cannot load: on an H100 it
+    saved 3.6 ms a default video and cost a warm compile-cache start 1.2 s (docs/decisions.md)."""
     import torch._inductor
     options = dict(torch._inductor.list_mode_options(mode))
-    if hasattr(torch._inductor.config.triton, 'enable_pdl'):   # torch 2.11 has it
-        options['triton.enable_pdl'] = True
     if hasattr(torch._inductor.config, 'deterministic'):   # torch 2.11 has it
         options['deterministic'] = True
     return options

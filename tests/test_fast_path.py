@@ -135,10 +135,9 @@ def test_compiled_channels_last_unet_equals_plain():
     assert max(errors) < TOLERANCE
 
 
-def test_compile_options_are_the_modes_deterministic_with_programmatic_dependent_launch():
-    assert compile_options('reduce-overhead') == {'triton.cudagraphs': True, 'triton.enable_pdl': True,
-                                                  'deterministic': True}
-    assert compile_options('default') == {'triton.enable_pdl': True, 'deterministic': True}
+def test_compile_options_are_the_modes_deterministic():
+    assert compile_options('reduce-overhead') == {'triton.cudagraphs': True, 'deterministic': True}
+    assert compile_options('default') == {'deterministic': True}
     modes = [compile_mode(c) for c in (False, None, True, 'reduce-overhead')]
     assert modes == [None, None, 'default', 'reduce-overhead']
 
