@@ -152,9 +152,10 @@ class TextToVideo:
     def compile_networks(self, mode: str, compile_cache: bool | str = False) -> None:
         """torch.compile the networks in place (from_pretrained's compile=, with compile_options): the UNet
         channels-last, its temporal convs as GEMMs, in `mode`; the text encoder in `mode` too, unless low_memory
-        (a CUDA graph would record again each time its weights come back from the CPU); the autoencoder's decoder in mode 'reduce-overhead' where `mode` has CUDA graphs and not
-        low_memory, else in mode 'default'. Checkpoint keys are unchanged. With compile_cache, each network's
-        blocks run through compiled artefacts kept on disk instead, built in parallel processes (compile_cache.py)."""
+        (a CUDA graph would record again each time its weights come back from the CPU); the autoencoder's
+        decoder in mode 'reduce-overhead' where `mode` has CUDA graphs and not low_memory, else in mode
+        'default'. Checkpoint keys are unchanged. With compile_cache, each network's blocks run through compiled
+        artefacts kept on disk instead, built in parallel processes (compile_cache.py)."""
         use_torchs_ptxas()
         graphs = compile_options(mode).get('triton.cudagraphs') and not self.low_memory
         decoder_options = compile_options('reduce-overhead' if graphs else 'default')
