@@ -47,9 +47,6 @@ from safetensors.torch import load_file, save_file
 from . import model_folder, scratch, weights
 from .config import ModelConfig
 from .model_folder import ModelFolder
-from .models.autoencoder import AutoencoderKL
-from .models.text_encoder import OpenCLIPTextEncoder
-from .models.unet3d import UNet3D
 
 logger = logging.getLogger(__name__)
 
@@ -194,8 +191,7 @@ def _read(folder: str, config: ModelConfig, sources: dict):
                        damage)
         shutil.rmtree(folder, ignore_errors=True)
         return None
-    with torch.device('meta'):  # no random initialisation: the files supply every tensor
-        networks = (OpenCLIPTextEncoder(config.text), UNet3D(config.unet), AutoencoderKL(config.autoencoder))
+    networks = weights.empty_networks(config)   # the files supply every tensor
     try:
         for net, file in zip(networks, NETWORK_FILES):
             path = os.path.join(folder, file)

@@ -1,6 +1,7 @@
 """weights.py: safe reading (no code runs), the checkpoint layouts, mmap, strict loading, errors."""
 
 import builtins
+import collections
 import os
 import shutil
 import sys
@@ -9,9 +10,11 @@ import types
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from modelscope_t2v import TextToVideo, weights
 from modelscope_t2v.config import TINY
+from modelscope_t2v.models.autoencoder import AutoencoderKL
 from modelscope_t2v.models.text_encoder import OpenCLIPTextEncoder
 from modelscope_t2v.models.unet3d import UNet3D
 from modelscope_t2v.weights import AUTOENCODER_PREFIX, CheckpointError
@@ -340,6 +343,40 @@ def test_load_strict_shows_only_the_first_keys():
     assert '12 unexpected keys' in message
     shown = [f'extra.{i:02d}' for i in range(12) if f'extra.{i:02d}' in message]
     assert shown == [f'extra.{i:02d}' for i in range(weights.MAX_KEYS_SHOWN)]
+
+
+def test_empty_networks_are_the_networks_on_meta_built_without_initialisers():
+    calls = collections.Counter()
+
+    class CountCalls(TorchFunctionMode):   # outside empty_networks' own mode: sees what that one lets through
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            calls[getattr(func, '__name__', str(func))] += 1
+            return func(*args, **(kwargs or {}))
+
+    with CountCalls():
+        networks = weights.empty_networks(TINY)
+    with torch.device('meta'):
+        built = OpenCLIPTextEncoder(TINY.text), UNet3D(TINY.unet), AutoencoderKL(TINY.autoencoder)
+    for network, plain in zip(networks, built):
+        got, want = network.state_dict(keep_vars=True), plain.state_dict(keep_vars=True)
+        assert list(got) == list(want)
+        for k, v in want.items():
+            assert (got[k].device.type, got[k].shape, got[k].dtype, type(got[k])) == ('meta', v.shape, v.dtype,
+                                                                                       type(v)), k
+    ran = {name: n for name, n in calls.items() if name.endswith('_') and not name.startswith('_')}
+    assert calls['empty'] == sum(len(network.state_dict()) for network in built) and ran == {}, calls
+
+
+def test_initialisers_are_skipped_only_inside_the_mode():
+    tensor = torch.arange(6.0)
+    with weights._SkipInitialisers():
+        nn.init.kaiming_uniform_(tensor.view(2, 3))
+        nn.init.normal_(tensor)
+        assert tensor.uniform_() is tensor and tensor.fill_(7) is tensor and tensor.zero_() is tensor
+        doubled = tensor * 2
+    assert torch.equal(tensor, torch.arange(6.0)) and torch.equal(doubled, torch.arange(0.0, 12.0, 2))
+    tensor.fill_(7)
+    assert torch.equal(tensor, torch.full((6,), 7.0))
 
 
 # -- the text tower ----------------------------------------------------------------------------
