@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import mmap
 import os
 import re
@@ -42,7 +43,7 @@ import threading
 import torch
 import xxhash
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import model_folder, scratch, weights
 from .config import ModelConfig
@@ -54,6 +55,7 @@ FORMAT_VERSION = 2            # bump when what the files hold changes: old cache
 CACHE_ENV = 'MODELSCOPE_T2V_CACHE'
 DEFAULT_CACHE_ROOT = os.path.join('~', '.cache', 'modelscope_t2v')
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+SAFETENSORS_DTYPES = {'F16': torch.float16, 'BF16': torch.bfloat16}   # their names in a file's header
 NETWORK_FILES = ('text_encoder.safetensors', 'unet.safetensors', 'autoencoder.safetensors')  # load_networks' order
 MANIFEST = 'manifest.json'    # written last: its hashes of the files above and of the sources
 SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 16, 1 << 20   # _source_sample reads 16 MiB of each source file
@@ -61,9 +63,12 @@ _writers: list = []   # the threads writing caches behind (load_networks_cached'
 
 
 def load_networks_cached(folder: ModelFolder, dtype: torch.dtype, cache_dir: str | None = None,
-                         write_behind: bool = False):
-    """(text encoder, UNet, autoencoder) in `dtype` on the CPU, from a safetensors cache of the model folder's
-    weights; built from the originals (model_folder.load_networks) and written on the first call.
+                         write_behind: bool = False, devices=None):
+    """(text encoder, UNet, autoencoder) in `dtype`, from a safetensors cache of the model folder's weights;
+    built from the originals (model_folder.load_networks) and written on the first call.
+
+    A cache read puts each network's tensors on its device in `devices` (default: all three on the CPU, where
+    they stay memory-mapped); the first call returns them on the CPU.
 
     With `write_behind` that first call returns before the cache is written, which a thread of its own does
     meanwhile (wait_for_writes() joins it; the process's exit waits for it): for a caller that copies the
@@ -75,7 +80,7 @@ def load_networks_cached(folder: ModelFolder, dtype: torch.dtype, cache_dir: str
     cache = _cache_folder(folder, dtype, cache_dir)
     sources = _source_samples(folder)   # before reading them: a change while converting shows next time
     if os.path.isdir(cache):
-        networks = _read(cache, folder.config, sources)
+        networks = _read(cache, folder.config, sources, devices or (torch.device('cpu'),) * len(NETWORK_FILES))
         if networks is not None:
             logger.info('weights of %s read from the %s cache %s', folder.path, dtype, cache)
             return networks  # the files hold `dtype`
@@ -183,8 +188,8 @@ def _damage(folder: str, sources: dict) -> str | None:
     return None
 
 
-def _read(folder: str, config: ModelConfig, sources: dict):
-    """The three networks holding the folder's memory-mapped tensors, or None (folder deleted) if unusable."""
+def _read(folder: str, config: ModelConfig, sources: dict, devices):
+    """The three networks holding the folder's tensors on their `devices`, or None (folder deleted) if unusable."""
     damage = _damage(folder, sources)
     if damage is not None:
         logger.warning('weight cache %s is unusable (%s); deleting it and rebuilding from the originals', folder,
@@ -193,9 +198,9 @@ def _read(folder: str, config: ModelConfig, sources: dict):
         return None
     networks = weights.empty_networks(config)   # the files supply every tensor
     try:
-        for net, file in zip(networks, NETWORK_FILES):
+        for net, file, device in zip(networks, NETWORK_FILES, devices):
             path = os.path.join(folder, file)
-            weights.load_strict(net, load_file(path, device='cpu'), path)
+            weights.load_strict(net, _read_tensors(path, torch.device(device)), path)
     except (OSError, SafetensorError, weights.CheckpointError) as error:
         # truncated (e.g. the disk filled after the rename), deleted, or not these networks
         logger.warning('weight cache %s is unusable (%s); deleting it and rebuilding from the originals',
@@ -203,6 +208,45 @@ def _read(folder: str, config: ModelConfig, sources: dict):
         shutil.rmtree(folder, ignore_errors=True)
         return None
     return networks
+
+
+def _read_tensors(path: str, device: torch.device) -> dict:
+    """{key: tensor} of a safetensors file of one half-precision dtype, each tensor a view of the file's
+    memory-mapped data (copy-on-write: writing a tensor leaves the file as it is), copied to `device`.
+
+    One torch call a tensor, and one more to copy it, where safetensors' load_file makes three a tensor and
+    Module.to two more: each call gives up the GIL (weights.empty_networks says why that matters)."""
+    with open(path, 'rb') as f:
+        header_bytes = int.from_bytes(f.read(8), 'little')
+        header = json.loads(f.read(header_bytes))
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    header.pop('__metadata__', None)
+    kinds = {entry['dtype'] for entry in header.values()}
+    if len(kinds) != 1 or next(iter(kinds)) not in SAFETENSORS_DTYPES:
+        raise weights.CheckpointError(f'{path} holds {sorted(kinds)}, not one of {sorted(SAFETENSORS_DTYPES)}')
+    dtype = SAFETENSORS_DTYPES[kinds.pop()]
+    size = dtype.itemsize
+    if (len(data) - 8 - header_bytes) % size:
+        raise weights.CheckpointError(f'{path}: its data is not a whole number of {dtype} values')
+    flat = torch.frombuffer(data, dtype=dtype, offset=8 + header_bytes)   # (the file's values,)
+    tensors = {}
+    for key, entry in header.items():
+        (begin, end), shape = entry['data_offsets'], entry['shape']
+        if begin % size or end - begin != math.prod(shape) * size or end > flat.numel() * size:
+            raise weights.CheckpointError(f'{path}: {key} at bytes {begin}-{end} is not a {dtype} tensor of '
+                                          f'shape {shape} within the file')
+        tensor = torch.as_strided(flat, shape, _contiguous_strides(shape), begin // size)
+        tensors[key] = tensor if device.type == 'cpu' else tensor.to(device)
+    return tensors
+
+
+def _contiguous_strides(shape) -> list:
+    """The strides of a contiguous tensor of this shape."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.insert(0, step)
+        step *= size
+    return strides
 
 
 def _write(folder: str, states, model_dir: str, sources: dict) -> None:

@@ -34,6 +34,7 @@ from .models.unet3d import UNet3D
 from .request import GenerationCancelled, GenerationRequest, NonFiniteError, numbered_paths
 from .sampling import denoise, guided, reschedule_noise
 from .schedulers import draws_step_noise, import_diffusers_meanwhile, make_scheduler, uses_guidance
+from .weights import placed
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +75,9 @@ class TextToVideo:
         # low_memory: the text encoder and the autoencoder wait on the CPU, and visit the device for their stage
         self.low_memory = low_memory
         resting = torch.device('cpu') if low_memory else self.device
-        self.text_encoder = text_encoder.eval().requires_grad_(False).to(resting, self.dtype)
-        self.unet = unet.eval().requires_grad_(False).to(self.device, self.dtype)
-        self.autoencoder = autoencoder.eval().requires_grad_(False).to(resting, self.dtype)
+        self.text_encoder = placed(text_encoder.eval().requires_grad_(False), resting, self.dtype)
+        self.unet = placed(unet.eval().requires_grad_(False), self.device, self.dtype)
+        self.autoencoder = placed(autoencoder.eval().requires_grad_(False), resting, self.dtype)
         self._lock = threading.Lock()        # held by the running generation (generating()) and by LoRA changes
         self._generating_thread = None       # the thread that holds it
         self.loras = LoraStack(lambda: {'unet': self.unet, 'text': self.text_encoder})   # lora/apply.py
@@ -119,8 +120,10 @@ class TextToVideo:
             if half_cache and dtype in HALF_DTYPES:
                 cache_dir = None if half_cache is True else half_cache
                 # an engine on a GPU without low_memory copies every tensor there: the CPU ones are the writer's
+                resting = torch.device('cpu') if low_memory else device    # as __init__ places the networks
                 networks = load_networks_cached(folder, dtype, cache_dir,
-                                                write_behind=device.type == 'cuda' and not low_memory)
+                                                write_behind=device.type == 'cuda' and not low_memory,
+                                                devices=(resting, device, resting))
             else:
                 if half_cache:
                     logger.warning('half_cache ignored: it holds float16/bfloat16 weights, and this run is %s',

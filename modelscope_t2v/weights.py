@@ -10,6 +10,7 @@ tensors load without importing, let alone running, what the pickle names.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import pickle
@@ -241,3 +242,15 @@ class _SkipInitialisers(TorchFunctionMode):
         if func in self.SKIPPED:
             return args[0] if args else kwargs['tensor']
         return func(*args, **(kwargs or {}))
+
+
+def placed(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """`module` with its floating-point tensors in `dtype` and all on `device`. Module.to is called only where a
+    tensor is elsewhere: it makes two torch calls a tensor even where none moves, and each gives up the GIL
+    (weights.empty_networks says why that matters)."""
+    if device.type == 'cuda' and device.index is None:
+        device = torch.device('cuda', torch.cuda.current_device())   # where .to('cuda') puts a tensor
+    if all(t.device == device and (t.dtype == dtype or not t.dtype.is_floating_point)
+           for t in itertools.chain(module.parameters(), module.buffers())):
+        return module
+    return module.to(device, dtype)

@@ -9,11 +9,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from modelscope_t2v import TextToVideo, parse_request
 from modelscope_t2v import config as config_lib
-from modelscope_t2v import half_cache, model_folder
+from modelscope_t2v import half_cache, model_folder, weights
 from modelscope_t2v.half_cache import load_networks_cached
 from modelscope_t2v.model_folder import open_folder
 
@@ -99,7 +99,7 @@ def test_a_cache_written_behind_holds_the_tensors_returned(tiny_model_dir, origi
 def test_an_engine_on_the_cpu_writes_its_cache_before_using_the_networks(tiny_model_dir, tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr('modelscope_t2v.text_to_video.load_networks_cached',
-                        lambda *args, write_behind: seen.append(write_behind) or load_networks_cached(*args))
+                        lambda *args, write_behind, devices: seen.append(write_behind) or load_networks_cached(*args))
     TextToVideo.from_pretrained(tiny_model_dir, device='cpu', dtype=torch.float16, half_cache=str(tmp_path))
     assert seen == [False]
 
@@ -120,6 +120,36 @@ def test_first_call_writes_three_files_second_call_reads_them(tiny_model_dir, co
     assert _assert_converted(second, originals, dtype) == n
     assert [type(net) for net in second] == [type(net) for net in originals]
     assert _folders(tmp_path) == [folder]
+
+
+def test_a_read_puts_each_network_on_its_device(tiny_model_dir, originals, tmp_path, monkeypatch):
+    load_networks_cached(open_folder(tiny_model_dir), torch.float16, str(tmp_path))
+    _forbid_builds(monkeypatch)
+    text, unet, autoencoder = load_networks_cached(open_folder(tiny_model_dir), torch.float16, str(tmp_path),
+                                                   devices=('meta', 'cpu', 'meta'))
+    assert {t.device.type for net in (text, autoencoder) for t in net.state_dict().values()} == {'meta'}
+    assert _assert_converted([unet], [originals[1]], torch.float16) == len(originals[1].state_dict())
+
+
+def test_tensors_read_are_copy_on_write_views_of_the_file(tiny_model_dir, originals, tmp_path):
+    load_networks_cached(open_folder(tiny_model_dir), torch.float16, str(tmp_path))
+    [folder] = _folders(tmp_path)
+    path = str(tmp_path / folder / 'unet.safetensors')
+    tensors = half_cache._read_tensors(path, torch.device('cpu'))
+    want = {k: v.detach().to(torch.float16) for k, v in originals[1].state_dict().items()}
+    assert sorted(tensors) == sorted(want)
+    for k, v in want.items():
+        assert tensors[k].is_contiguous() and torch.equal(tensors[k].view(torch.int16), v.view(torch.int16)), k
+    first = next(iter(tensors))
+    tensors[first].add_(1)   # in this process's pages only
+    assert torch.equal(load_file(path)[first].view(torch.int16), want[first].view(torch.int16))
+
+
+def test_a_file_of_mixed_dtypes_is_refused_naming_them(tmp_path):
+    path = str(tmp_path / 'mixed.safetensors')
+    save_file({'a': torch.zeros(2, dtype=torch.float16), 'b': torch.zeros(2)}, path)
+    with pytest.raises(weights.CheckpointError, match=r"mixed.safetensors holds \['F16', 'F32'\]"):
+        half_cache._read_tensors(path, torch.device('cpu'))
 
 
 def test_files_hold_only_the_networks_keys(tiny_model_dir, config, originals, tmp_path):

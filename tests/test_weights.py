@@ -379,6 +379,27 @@ def test_initialisers_are_skipped_only_inside_the_mode():
     assert torch.equal(tensor, torch.full((6,), 7.0))
 
 
+def test_placed_moves_a_module_only_where_a_tensor_is_elsewhere():
+    module = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))   # its num_batches_tracked: an int64 buffer
+    calls = collections.Counter()
+
+    class CountCalls(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            calls[getattr(func, '__name__', str(func))] += 1
+            return func(*args, **(kwargs or {}))
+
+    with CountCalls():
+        same = weights.placed(module, torch.device('cpu'), torch.float32)
+    assert same is module and calls['to'] == 0, calls
+    half = weights.placed(module, torch.device('cpu'), torch.float16)
+    assert {name: t.dtype for name, t in half.state_dict().items()} == {
+        '0.weight': torch.float16, '0.bias': torch.float16, '1.weight': torch.float16, '1.bias': torch.float16,
+        '1.running_mean': torch.float16, '1.running_var': torch.float16, '1.num_batches_tracked': torch.int64}
+    with CountCalls():
+        weights.placed(half, torch.device('cpu'), torch.float16)
+    assert calls['to'] == 0, calls
+
+
 # -- the text tower ----------------------------------------------------------------------------
 
 def test_text_state_dict_drops_known_unused_keys(tiny_model_dir):
