@@ -225,9 +225,7 @@ def empty_networks(config: ModelConfig):
 
     Their initialisers are skipped, not run on meta tensors: each is a torch call, which gives up the GIL,
     and in a warm start the main thread builds the networks while two other threads run Python (the compile
-    cache's loads, diffusers' import), so every call waited for the GIL again. On the project's CPU, beside one
-    thread running Python, building the real-size networks took 5.5-6.5 s with their initialisers and 0.7 s
-    without (0.18 and 0.13 s alone)."""
+    cache's loads, diffusers' import), so every call waited for the GIL again (docs/decisions.md)."""
     with torch.device('meta'), _SkipInitialisers():
         return OpenCLIPTextEncoder(config.text), UNet3D(config.unet), AutoencoderKL(config.autoencoder)
 
