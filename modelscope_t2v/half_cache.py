@@ -5,8 +5,8 @@ The originals are float32 pickles (text2video_pytorch_model.pth 5.6 GB, open_cli
 Reading them means unzipping and unpickling, then converting every tensor to half precision on its
 way to the GPU. The cache holds, once converted, exactly the keys each network loads: half the bytes
 (3.5 GB for the real shapes, against 7.4 GB of float32 actually read), no unpickling (a JSON header
-and raw tensors), and `safetensors` memory-maps the file, so the tensors are not copied on the CPU:
-the pages go from the page cache into the copy to the GPU. A cold start is then bound by the disk.
+and raw tensors), and a read memory-maps the file (`_read_tensors`), so the tensors are not copied on the
+CPU: the pages go from the page cache into the copy to the GPU. A cold start is then bound by the disk.
 
 Layout: `<root>/<model dir name>-<dtype>-<16 hex digits>/{text_encoder,unet,autoencoder}.safetensors`
 and `manifest.json`, root `cache_dir`, else `$MODELSCOPE_T2V_CACHE`, else `~/.cache/modelscope_t2v`.
