@@ -201,8 +201,9 @@ def _read(folder: str, config: ModelConfig, sources: dict, devices):
         for net, file, device in zip(networks, NETWORK_FILES, devices):
             path = os.path.join(folder, file)
             weights.load_strict(net, _read_tensors(path, torch.device(device)), path)
-    except (OSError, SafetensorError, weights.CheckpointError) as error:
-        # truncated (e.g. the disk filled after the rename), deleted, or not these networks
+    except (OSError, ValueError, KeyError) as error:
+        # truncated (e.g. the disk filled after the rename), deleted, a header not safetensors' (JSON's
+        # ValueError, a missing key) or not these networks (weights.CheckpointError, a ValueError)
         logger.warning('weight cache %s is unusable (%s); deleting it and rebuilding from the originals',
                        folder, error)
         shutil.rmtree(folder, ignore_errors=True)

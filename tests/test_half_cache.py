@@ -1,5 +1,6 @@
 """half_cache.py: written once, then read bit for bit; invalidation, integrity, atomicity, failures that only log."""
 
+import json
 import logging
 import os
 import shutil
@@ -233,6 +234,25 @@ def test_a_corrupt_cache_file_is_detected_and_rebuilt(tiny_model_dir, config, or
     _forbid_builds(monkeypatch)
     again = load_networks_cached(open_folder(tiny_model_dir), torch.float16, cache_dir=str(tmp_path))
     assert _assert_converted(again, originals, torch.float16) == n
+
+
+@pytest.mark.parametrize('header', [b'not json', b'{"w": {"shape": [2]}}'])
+def test_a_cache_file_whose_header_is_not_safetensors_is_rebuilt(tiny_model_dir, originals, tmp_path, count_builds,
+                                                                 caplog, header):
+    # the manifest records the file as written, so only the read itself can find it unusable
+    load_networks_cached(open_folder(tiny_model_dir), torch.float16, cache_dir=str(tmp_path))
+    [folder] = _folders(tmp_path)
+    unet_file = tmp_path / folder / 'unet.safetensors'
+    unet_file.write_bytes(len(header).to_bytes(8, 'little') + header)
+    manifest = json.loads((tmp_path / folder / 'manifest.json').read_text())
+    manifest['files']['unet.safetensors'] = {'bytes': unet_file.stat().st_size,
+                                             'xxh3_128': half_cache._file_hash(str(unet_file))}
+    (tmp_path / folder / 'manifest.json').write_text(json.dumps(manifest))
+
+    with caplog.at_level(logging.WARNING, logger=half_cache.__name__):
+        networks = load_networks_cached(open_folder(tiny_model_dir), torch.float16, cache_dir=str(tmp_path))
+    assert len(count_builds) == 2 and sum('is unusable' in r.getMessage() for r in caplog.records) == 1
+    assert _assert_converted(networks, originals, torch.float16) == sum(len(n.state_dict()) for n in originals)
 
 
 def test_a_concurrent_writer_s_folder_wins(tiny_model_dir, config, originals, tmp_path, monkeypatch):
