@@ -227,13 +227,14 @@ def _read_tensors(path: str, device: torch.device) -> dict:
         raise weights.CheckpointError(f'{path} holds {sorted(kinds)}, not one of {sorted(SAFETENSORS_DTYPES)}')
     dtype = SAFETENSORS_DTYPES[kinds.pop()]
     size = dtype.itemsize
-    if (len(data) - 8 - header_bytes) % size:
+    data_bytes = len(data) - 8 - header_bytes
+    if data_bytes % size:
         raise weights.CheckpointError(f'{path}: its data is not a whole number of {dtype} values')
     flat = torch.frombuffer(data, dtype=dtype, offset=8 + header_bytes)   # (the file's values,)
     tensors = {}
     for key, entry in header.items():
         (begin, end), shape = entry['data_offsets'], entry['shape']
-        if begin % size or end - begin != math.prod(shape) * size or end > flat.numel() * size:
+        if begin % size or end - begin != math.prod(shape) * size or end > data_bytes:
             raise weights.CheckpointError(f'{path}: {key} at bytes {begin}-{end} is not a {dtype} tensor of '
                                           f'shape {shape} within the file')
         tensor = torch.as_strided(flat, shape, _contiguous_strides(shape), begin // size)

@@ -236,14 +236,15 @@ def test_a_corrupt_cache_file_is_detected_and_rebuilt(tiny_model_dir, config, or
     assert _assert_converted(again, originals, torch.float16) == n
 
 
-@pytest.mark.parametrize('header', [b'not json', b'{"w": {"shape": [2]}}'])
+@pytest.mark.parametrize('header, data', [(b'not json', b''), (b'{"w": {"shape": [2]}}', b''),
+                                          (b'{"w": {"dtype": "F16", "shape": [4], "data_offsets": [0, 8]}}', b'1234')])
 def test_a_cache_file_whose_header_is_not_safetensors_is_rebuilt(tiny_model_dir, originals, tmp_path, count_builds,
-                                                                 caplog, header):
+                                                                 caplog, header, data):
     # the manifest records the file as written, so only the read itself can find it unusable
     load_networks_cached(open_folder(tiny_model_dir), torch.float16, cache_dir=str(tmp_path))
     [folder] = _folders(tmp_path)
     unet_file = tmp_path / folder / 'unet.safetensors'
-    unet_file.write_bytes(len(header).to_bytes(8, 'little') + header)
+    unet_file.write_bytes(len(header).to_bytes(8, 'little') + header + data)   # the last: 8 bytes named, 4 there
     manifest = json.loads((tmp_path / folder / 'manifest.json').read_text())
     manifest['files']['unet.safetensors'] = {'bytes': unet_file.stat().st_size,
                                              'xxh3_128': half_cache._file_hash(str(unet_file))}
